@@ -1,0 +1,38 @@
+"""Install z2all: `pip install -e .` (add `[test]` for the test suite, `[hf]` for transformers interop)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("z2all/__init__.py").read_text()).group(1)
+
+setup(
+    name="z2all",
+    version=version,
+    description="Train your own LLM from zero: tokenizer, pretokenize, pretrain, SFT, DPO, chat; "
+    "a readable Megatron-style data-parallel engine on PyTorch.",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["z2all", "z2all.*", "parallel", "parallel.*", "optimizer",
+                                    "optimizer.*", "data_preprocess", "data_preprocess.*"]),
+    package_data={"z2all": ["presets/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tokenizers>=0.15",
+        "sentencepiece",
+        "pyarrow",
+        "ijson",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        # interop and optional accelerators: never required
+        "hf": ["transformers>=4.40"],
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "ruff", "transformers>=4.40", "matplotlib"],
+    },
+)

@@ -1,0 +1,3 @@
+"""z2all: train your own large language model from zero."""
+
+__version__ = "0.1.0"

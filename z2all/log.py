@@ -1,0 +1,43 @@
+"""One rank-aware logger for the whole project.
+
+Library modules log through ``logging.getLogger(__name__)`` and never ``print``. Entry points call
+:func:`setup_logging` once: only rank 0 logs at INFO unless ``debug`` is set, in which case every rank
+logs and each line carries its rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int, debug: bool):
+        super().__init__()
+        self.rank = rank
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        # Warnings and errors from any rank always get through: a failing rank must be heard.
+        return self.debug or self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def env_rank() -> int:
+    """The global rank torchrun gave this process (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(rank: int | None = None, debug: bool = False) -> logging.Logger:
+    """Configure the ``z2all``/``parallel``/``optimizer``/``data_preprocess`` loggers; idempotent."""
+    rank = env_rank() if rank is None else rank
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s] %(message)s", "%H:%M:%S"))
+    handler.addFilter(_RankFilter(rank, debug))
+    for name in ("z2all", "parallel", "optimizer", "data_preprocess", "__main__"):
+        lg = logging.getLogger(name)
+        lg.handlers = [handler]
+        lg.setLevel(logging.DEBUG if debug else logging.INFO)
+        lg.propagate = False
+    return logging.getLogger("z2all")
