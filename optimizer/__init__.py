@@ -1,0 +1,1 @@
+"""optimizer: optimizer construction with fused backends, and mixed-precision optimizer wrappers."""
