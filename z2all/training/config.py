@@ -1,0 +1,399 @@
+"""TrainConfig: every setting of ``train_my_ddp.py`` in one typed dataclass.
+
+Sources, later ones win: the defaults below < ``<out_dir>/config.json`` of the run being resumed
+(``--resume``) < a JSON file given as the first positional argument < ``--key=value`` flags.
+Saved configs are read back as JSON data, never executed. Unknown keys and bad values raise
+:class:`ConfigError` naming the flag or the file before any work starts. ``--help`` is generated from
+the docstring under each field (read from this file's source with ``ast``), so the help text and the
+code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from z2all.atomic import atomic_write_json
+
+
+class ConfigError(ValueError):
+    """A bad flag, value or config file; the message names the culprit."""
+
+
+# Settings a resumed run may not change: the checkpoint's weights and data position only mean
+# something for the same task, model shape and tokenizer.
+FROZEN_ON_RESUME = ("task_type", "model_config", "tokenizer_dir")
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train on -------------------------------------------------------------------------
+    task_type: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    """pretrain: next-token loss on packed windows; sft: loss on assistant tokens only; dpo: sigmoid DPO."""
+    data_dir: str = ""
+    """pretrain: folder of pretokenized .bin/.idx shards; sft/dpo: a .jsonl/.json/.parquet file or folder."""
+    tokenizer_dir: str = ""
+    """Folder of the trained tokenizer (Z2allTokenizer.from_pretrained); defaults to --init_from's."""
+    out_dir: str = "out"
+    """Run folder: config.json, run_info.json, metrics.jsonl and checkpoints."""
+    model_config: str = "tiny"
+    """Preset name (z2all.model.list_presets()) or a JSON file of Z2allConfig fields."""
+    init_from: str = ""
+    """A z2all run dir or a Hugging Face Llama dir whose weights start the run (SFT, DPO, continued)."""
+    valid_ratio: float = 0.01
+    """Fraction of the data held out for evaluation."""
+    text_field: str = ""
+    """Name of the text field for raw-text SFT/DPO readers (empty: the reader's default)."""
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    max_iters: int = 100
+    """Number of optimizer steps of the whole run (a resumed run continues up to it)."""
+    learning_rate: float = 3e-4
+    """Peak learning rate, reached after warmup_iters."""
+    min_lr: float = 3e-5
+    """Learning rate at and after lr_decay_iters (end of the cosine)."""
+    warmup_iters: int = 10
+    """Linear warmup steps from 0 to learning_rate."""
+    lr_decay_iters: int = 0
+    """Step at which the cosine reaches min_lr; 0 means max_iters."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on 2-D weights (norms and biases get none)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    optimizer_backend: Literal["auto", "apex", "fused", "foreach", "torch"] = "auto"
+    """AdamW implementation (optimizer.build_adamw); auto picks the fastest available."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    train_batch_size: int = 8
+    """Micro-batch size: sequences per forward/backward on one rank."""
+    gradient_accumulation_steps: int = 1
+    """Global micro-batches per optimizer step, shared among ranks (must be divisible by the world size)."""
+    max_seq_len: int = 256
+    """Tokens per training sequence."""
+    seed: int = 1337
+    """Seed of model init, data order and every RNG."""
+
+    # ---- numerics and device ----------------------------------------------------------------------
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Autocast dtype of forward/backward (weights and optimizer stay fp32); float16 uses a loss scaler."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """cpu or cuda (each rank takes cuda:LOCAL_RANK)."""
+    compile: bool = False
+    """torch.compile the model."""
+
+    # ---- evaluation, logging, checkpoints ---------------------------------------------------------
+    eval_interval: int = 50
+    """Evaluate on the held-out split every this many steps (and at the last step); 0 disables."""
+    eval_iters: int = 10
+    """Global micro-batches per evaluation."""
+    log_interval: int = 10
+    """Console line every this many steps (metrics.jsonl gets every step)."""
+    save_interval: int = 100
+    """Checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (at least 2 so a crash mid-save never loses both)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out_dir (flags given now override the saved config)."""
+    tracker: Literal["none", "tensorboard", "swanlab", "wandb"] = "none"
+    """Experiment tracker rank 0 reports to, besides metrics.jsonl."""
+    run_name: str = ""
+    """Run name shown in trackers; defaults to the out_dir's name."""
+    debug: bool = False
+    """Log from every rank at DEBUG level."""
+
+    # ---- tasks ------------------------------------------------------------------------------------
+    sft_type: Literal["conversation", "instruction"] = "conversation"
+    """conversation: multi-turn messages; instruction: Alpaca-style instruction/input/output records."""
+    dpo_beta: float = 0.1
+    """DPO temperature beta of the sigmoid loss."""
+
+    # ---- data parallelism -------------------------------------------------------------------------
+    ddp_impl: Literal["torch", "z2all"] = "torch"
+    """torch: torch.nn.parallel.DistributedDataParallel; z2all: parallel.DistributedDataParallel."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto: nccl on cuda, gloo on cpu."""
+    overlap_grad_reduce: bool = True
+    """z2all DDP: start each bucket's all-reduce during backward as soon as it is full."""
+    bucket_size: int = 40_000_000
+    """z2all DDP: gradient bucket size in elements."""
+    grad_reduce_in_fp32: bool = True
+    """z2all DDP: keep and reduce the gradient buffer in fp32."""
+    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = "allreduce"
+    """Gradient communication: plain all-reduce, fp16/bf16 compression or PowerSGD."""
+    powersgd_rank: int = 1
+    """PowerSGD matrix approximation rank."""
+    powersgd_start_iter: int = 10
+    """PowerSGD: plain all-reduce for this many steps before compressing."""
+    overlap_optim_step: bool = False
+    """z2all DDP: run each bucket's optimizer step as soon as its gradients are reduced."""
+
+    # ---- derived (not flags) ----------------------------------------------------------------------
+    world_size: int = field(default=1, init=False, repr=False, compare=False)
+    """Number of ranks, taken from WORLD_SIZE at validation time (not a flag)."""
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_iters == 0:
+            self.lr_decay_iters = self.max_iters
+        self._validate()
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.check_world_size(self.world_size)
+
+    def _validate(self) -> None:
+        positive = (
+            "max_iters",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_len",
+            "eval_iters",
+            "log_interval",
+            "lr_decay_iters",
+            "bucket_size",
+            "powersgd_rank",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
+        nonneg = (
+            "warmup_iters",
+            "eval_interval",
+            "save_interval",
+            "weight_decay",
+            "grad_clip",
+            "min_lr",
+            "powersgd_start_iter",
+        )
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(
+                f"--min_lr ({self.min_lr}) must not exceed --learning_rate ({self.learning_rate})"
+            )
+        if self.warmup_iters > self.lr_decay_iters:
+            raise ConfigError(
+                f"--warmup_iters ({self.warmup_iters}) > --lr_decay_iters ({self.lr_decay_iters})"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.valid_ratio < 1.0:
+            raise ConfigError(f"--valid_ratio must be in [0, 1), got {self.valid_ratio}")
+        if self.keep_checkpoints < 2:
+            raise ConfigError(
+                f"--keep_checkpoints must be >= 2 (newest + previous), got {self.keep_checkpoints}"
+            )
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"--dpo_beta must be > 0, got {self.dpo_beta}")
+        if not self.data_dir:
+            raise ConfigError("--data_dir is required")
+        if not self.out_dir:
+            raise ConfigError("--out_dir must not be empty")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ConfigError("--dtype=float16 needs --device=cuda (CPU autocast supports bfloat16 only)")
+        if self.ddp_impl == "torch" and self.overlap_optim_step:
+            raise ConfigError("--overlap_optim_step needs --ddp_impl=z2all")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Global accumulation steps are dealt round-robin to ranks, so they must divide evenly."""
+        if world_size < 1 or self.gradient_accumulation_steps % world_size != 0:
+            raise ConfigError(
+                f"--gradient_accumulation_steps={self.gradient_accumulation_steps} is not divisible by the "
+                f"world size {world_size}: each optimizer step takes that many global micro-batches, "
+                f"dealt round-robin to the ranks"
+            )
+
+    # ---- derived quantities -----------------------------------------------------------------------
+    @property
+    def micro_steps_per_rank(self) -> int:
+        """Micro-batches one rank runs per optimizer step (G / W)."""
+        return self.gradient_accumulation_steps // self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Token positions per optimizer step over all ranks (G * B * T)."""
+        return self.gradient_accumulation_steps * self.train_batch_size * self.max_seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flag settings (derived fields excluded) as JSON-able data."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write the resolved config to ``<out_dir>/config.json`` atomically."""
+        path = Path(out_dir) / "config.json"
+        atomic_write_json(path, self.to_dict())
+        return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------
+def _flag_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each field, read from this class's source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _convert(name: str, raw: Any, where: str) -> Any:
+    """Convert ``raw`` (a string from argv or a JSON value) to the declared type of field ``name``."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            raise ConfigError(f"{where}: --{name}={raw!r} is not one of {'|'.join(choices)}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: --{name}={raw!r} is not a boolean (true/false)")
+    if hint is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: --{name}={raw!r} is not an integer")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        try:
+            return int(str(raw).replace("_", ""))
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = None
+            if value is not None and value.is_integer():  # accepts 1e6
+                return int(value)
+            raise ConfigError(f"{where}: --{name}={raw!r} is not an integer") from None
+    if hint is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: --{name}={raw!r} is not a number")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: --{name}={raw!r} is not a number") from None
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}: --{name}={raw!r} must be a string")
+        return raw
+    raise TypeError(f"unsupported field type {hint} for {name}")  # a bug in TrainConfig, not user input
+
+
+def _read_json_config(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object of settings, got {type(data).__name__}")
+    known = _flag_fields()
+    values = {}
+    for key, raw in data.items():
+        if key not in known:
+            raise ConfigError(f"{what} {path}: unknown setting {key!r}")
+        values[key] = _convert(key, raw, f"{what} {path}")
+    return values
+
+
+def _parse_flags(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split argv into (optional JSON config path, {field: value}) without applying anything."""
+    known = _flag_fields()
+    config_file = None
+    values: dict[str, Any] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            if i == 0 and config_file is None:
+                config_file = arg
+                continue
+            raise ConfigError(
+                f"unexpected argument {arg!r}: settings are --key=value, and only the first "
+                f"argument may be a JSON config file"
+            )
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"unknown flag --{key} (see --help)")
+        if not eq:
+            if typing.get_type_hints(TrainConfig)[key] is not bool:
+                raise ConfigError(f"flag --{key} needs a value: --{key}=VALUE")
+            raw = "true"
+        values[key] = _convert(key, raw, "command line")
+    return config_file, values
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """Build the resolved TrainConfig from argv (see the module docstring for precedence)."""
+    config_file, flags = _parse_flags(argv)
+    file_values = _read_json_config(config_file, "config file") if config_file else {}
+    values = {**file_values, **flags}
+    if values.get("resume"):
+        out_dir = values.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
+        saved_path = Path(out_dir) / "config.json"
+        if saved_path.exists():
+            saved = _read_json_config(saved_path, "saved config")
+            for name in FROZEN_ON_RESUME:
+                if name in values and values[name] != saved.get(name):
+                    raise ConfigError(
+                        f"--{name}={values[name]!r} differs from the resumed run's {saved.get(name)!r} "
+                        f"({saved_path}); it cannot change on resume"
+                    )
+            values = {**saved, **values}
+    return TrainConfig(**values)
+
+
+def help_text() -> str:
+    """``--help``: every flag with its type/choices, default and docstring."""
+    docs = field_docs()
+    hints = typing.get_type_hints(TrainConfig)
+    lines = [
+        "usage: train_my_ddp.py [CONFIG.json] [--key=value ...]",
+        "       torchrun --nproc_per_node=N train_my_ddp.py [CONFIG.json] [--key=value ...]",
+        "",
+        "Settings (later sources win: defaults < saved config.json on --resume < CONFIG.json < flags):",
+    ]
+    for name, f in _flag_fields().items():
+        hint = hints[name]
+        kind = "|".join(typing.get_args(hint)) if typing.get_origin(hint) is Literal else hint.__name__
+        lines.append(f"  --{name}={kind}  (default: {f.default!r})")
+        lines.append(textwrap.indent(textwrap.fill(docs.get(name, ""), 100), " " * 6))
+    return "\n".join(lines)
+
+
+def flag_names() -> list[str]:
+    """The sorted flag names (snapshot-tested so a rename is a conscious change)."""
+    return sorted(_flag_fields())

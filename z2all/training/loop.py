@@ -1,0 +1,393 @@
+"""The training loop shared by pretrain, SFT and DPO: ``train(cfg)``.
+
+One optimizer step ``s`` (0-based; ``step`` in metrics.jsonl is ``s + 1``, the count of completed
+steps) consumes the G = ``gradient_accumulation_steps`` global micro-batches ``s*G .. s*G+G-1``;
+rank ``r`` of ``W`` runs the ones with ``j % W == r`` (G/W each). Which samples a micro-batch holds is
+a pure function of (seed, j) (:class:`_MicroBatchPlan`), so the data position is just the step: a
+resumed run and a run on another world size see the same samples at the same step.
+
+Loss normalisation (why 1 rank == W ranks): micro-batch ``j`` has loss ``l_j`` (mean over its own
+trainable tokens or pairs, see tasks.py). Each rank back-propagates ``l_j / (G/W)``; data parallelism
+then averages gradients over the W ranks, giving ``(1/W) * sum_r sum_{j in r} grad l_j * W/G =
+(1/G) * sum_j grad l_j``: the gradient of the step loss ``L = mean_j l_j`` for every W. The logged
+``loss`` is that same ``L``, all-reduced over ranks.
+
+Everything a run writes is described in docs/training.md. Bit-exact resume rests on four things:
+the data position (= step), the optimizer state, every RNG stream (restored by the checkpoint) and an
+evaluation that does not draw from the training RNG streams (it runs under ``torch.random.fork_rng``
+and touches no Python/NumPy randomness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from z2all.training.config import TrainConfig
+from z2all.training.lr_schedule import CosineSchedule, set_lr
+from z2all.training.metrics import MetricsWriter, console_line, write_run_info
+from z2all.training.parallelize import DataParallelModel, unwrap
+from z2all.training.rng_state import rank_seed, seed_all
+from z2all.training.trackers import build_tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """What the loop trains: built by :func:`z2all.training.build.build_components`, or injected."""
+
+    model: nn.Module
+    """The bare model on its device (not wrapped, not compiled); what checkpoints hold."""
+    optimizer: torch.optim.Optimizer
+    """Optimizer over ``model``'s trainable parameters."""
+    task: Any
+    """A task from tasks.py: ``collate(samples) -> batch``, ``micro_loss(model, batch, ref_model)``."""
+    train_data: Any
+    """Indexable, sized dataset of training samples."""
+    val_data: Any = None
+    """Held-out samples for evaluation, or None."""
+    ref_model: nn.Module | None = None
+    """DPO's frozen reference model."""
+    model_config: Any = None
+    """The Z2allConfig (for FLOPs/MFU and run_info.json), if known."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Extra facts for run_info.json (tokenizer fingerprint, optimizer backend...)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Completed optimizer steps at the end of the run."""
+    tokens: int
+    """Cumulative token positions processed (all ranks)."""
+    history: list[dict[str, Any]]
+    """The records this process produced (same on every rank: all values are all-reduced)."""
+
+
+class _MicroBatchPlan:
+    """Sample indices of global micro-batch ``j``: positions ``j*B .. j*B+B-1`` of an endless stream
+    made of per-epoch permutations, epoch ``e`` shuffled with seed ``seed + e`` (a pure function)."""
+
+    def __init__(self, n_samples: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n_samples <= 0:
+            raise ValueError("dataset is empty")
+        self.n, self.batch_size, self.seed, self.shuffle = n_samples, batch_size, seed, shuffle
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.clear()
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                self._orders[epoch] = torch.randperm(self.n, generator=gen)
+            else:
+                self._orders[epoch] = torch.arange(self.n)
+        return self._orders[epoch]
+
+    def indices(self, j: int) -> list[int]:
+        out = []
+        for k in range(j * self.batch_size, (j + 1) * self.batch_size):
+            epoch, pos = divmod(k, self.n)
+            out.append(int(self._order(epoch)[pos]))
+        return out
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, comp: Components, device: torch.device, rank: int, world: int):
+        self.cfg, self.comp, self.device, self.rank, self.world = cfg, comp, device, rank, world
+        self.task = comp.task
+        self.schedule = CosineSchedule(cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+        self.train_plan = _MicroBatchPlan(len(comp.train_data), cfg.train_batch_size, cfg.seed)
+        self.val_plan = (
+            _MicroBatchPlan(len(comp.val_data), cfg.train_batch_size, cfg.seed, shuffle=False)
+            if comp.val_data is not None and len(comp.val_data) > 0
+            else None
+        )
+        amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        self.autocast = (
+            torch.autocast(device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+        self.params = [p for p in comp.model.parameters() if p.requires_grad]
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def micro_ids(self, step: int) -> list[int]:
+        g = self.cfg.gradient_accumulation_steps
+        return [j for j in range(step * g, (step + 1) * g) if j % self.world == self.rank]
+
+    def train_step(self, dp: DataParallelModel, step: int) -> dict[str, Any]:
+        cfg, task = self.cfg, self.task
+        lr = self.schedule.lr_at(step)
+        set_lr(self.comp.optimizer, lr)
+        ids = self.micro_ids(step)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        for i, j in enumerate(ids):
+            batch = _to_device(
+                task.collate([self.comp.train_data[k] for k in self.train_plan.indices(j)]), self.device
+            )
+            last = i == len(ids) - 1
+            # Forward AND backward of every micro-step but the last run without gradient sync.
+            with contextlib.nullcontext() if last else dp.no_sync():
+                with self.autocast:
+                    res = task.micro_loss(dp, batch, self.comp.ref_model)
+                # l_j / (G/W): see the module docstring for why this makes W ranks == 1 rank.
+                self.scaler.scale(res.loss / len(ids)).backward()
+            loss_sum += res.loss.detach().double()
+            for k, v in res.stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v.double()
+            n_tokens += res.n_tokens
+        dp.finish_grad_sync()
+        # invariant: every param.grad holds the all-rank average of the step gradient (still scaled in fp16)
+        self.scaler.unscale_(self.comp.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.scaler.step(self.comp.optimizer)
+        self.scaler.update()
+        dp.zero_grad(self.comp.optimizer)
+
+        keys = sorted(stat_sums)
+        packed = torch.stack(
+            [loss_sum, torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)]
+            + [stat_sums[k] for k in keys]
+        )
+        packed = _all_reduce_sum(packed)
+        g = cfg.gradient_accumulation_steps
+        rec: dict[str, Any] = {
+            "step": step + 1,
+            "loss": float(packed[0]) / g,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
+        rec["_tokens"] = int(packed[1])
+        for i, k in enumerate(keys):
+            rec[k] = float(packed[2 + i]) / g
+        return rec
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float | None:
+        """Mean loss over ``eval_iters`` fixed global micro-batches of the held-out split, shared by ranks.
+
+        Runs under fork_rng so the training RNG streams continue as if no evaluation happened.
+        """
+        if self.val_plan is None:
+            return None
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for j in range(self.rank, self.cfg.eval_iters, self.world):
+                batch = _to_device(
+                    self.task.collate([self.comp.val_data[k] for k in self.val_plan.indices(j)]), self.device
+                )
+                with self.autocast:
+                    total += self.task.micro_loss(model, batch, self.comp.ref_model).loss.double()
+        model.train(was_training)
+        return float(_all_reduce_sum(total)) / self.cfg.eval_iters
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group)."""
+    created = False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.device == "cuda" else "gloo")
+        dist.init_process_group(backend)
+        created = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device=cuda but CUDA is not available on this machine")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, created
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+
+
+def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.device) -> dict[str, Any]:
+    import platform
+
+    import z2all
+
+    info: dict[str, Any] = {
+        "world_size": world,
+        "ddp_impl": cfg.ddp_impl if world > 1 else "none",
+        "use_distributed_optimizer": False,
+        "task_type": cfg.task_type,
+        "num_params": sum(p.numel() for p in comp.model.parameters()),
+        "optimizer_state_bytes_per_rank": _optimizer_state_bytes(comp.optimizer),
+        "optimizer": type(comp.optimizer).__name__,
+        "torch_version": torch.__version__,
+        "z2all_version": z2all.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if device.type == "cuda"
+        else [platform.processor() or platform.machine()],
+    }
+    try:
+        from z2all.model import kernels
+
+        info["active_backends"] = kernels.active_backends()
+    except (ImportError, AttributeError):
+        info["active_backends"] = {}
+    if comp.model_config is not None and hasattr(comp.model_config, "to_dict"):
+        info["model_config"] = comp.model_config.to_dict()
+    info.update(comp.info)
+    return info
+
+
+def _mfu(comp: Components, tokens_per_s: float, device: torch.device, cfg: TrainConfig) -> float | None:
+    if device.type != "cuda" or comp.model_config is None:
+        return None
+    try:
+        from z2all.model import estimate_mfu
+    except ImportError:
+        return None
+    return float(estimate_mfu(comp.model_config, cfg.max_seq_len, tokens_per_s, device=device))
+
+
+def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module docstring."""
+    from z2all.training.checkpoint import CheckpointManager
+
+    rank, world, device, created_pg = _setup_distributed(cfg)
+    try:
+        cfg.check_world_size(world)
+        cfg.world_size = world
+        # The same seed on every rank while building: identical initial weights before any broadcast.
+        seed_all(cfg.seed)
+        if components is None:
+            from z2all.training.build import build_components
+
+            components = build_components(cfg, device)
+        comp = components
+        # From here on each rank has its own streams (dropout differs across ranks, as in torch DDP).
+        seed_all(rank_seed(cfg.seed, rank))
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            cfg.save(cfg.out_dir)
+        ckpt = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
+        start_step, tokens, extra = 0, 0, None
+        if cfg.resume:
+            extra = ckpt.load_latest(comp.model, comp.optimizer)
+            if extra is None:
+                log.warning("--resume: no checkpoint in %s; starting from step 0", cfg.out_dir)
+            else:
+                start_step, tokens = int(extra["step"]), int(extra["tokens"])
+                log.info("resumed from step %d (%d tokens) in %s", start_step, tokens, cfg.out_dir)
+        trainer = _Trainer(cfg, comp, device, rank, world)
+        if extra is not None and extra.get("scaler"):
+            trainer.scaler.load_state_dict(extra["scaler"])
+        metrics = MetricsWriter(cfg.out_dir) if rank == 0 else None
+        if metrics is not None:
+            metrics.truncate_after(start_step)
+        run_model = torch.compile(comp.model) if cfg.compile else comp.model
+        dp = DataParallelModel(run_model, cfg, device, start_step=start_step)
+        tracker = (
+            build_tracker(
+                cfg.tracker,
+                cfg.out_dir,
+                cfg.run_name or os.path.basename(cfg.out_dir.rstrip("/")),
+                cfg.to_dict(),
+            )
+            if rank == 0
+            else None
+        )
+        result = _loop(
+            cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, run_model, world, device
+        )
+        if tracker is not None:
+            tracker.close()
+        return result
+    finally:
+        if created_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, run_model, world, device):
+    rank = trainer.rank
+    history: list[dict[str, Any]] = []
+    comp.model.train()
+    if comp.ref_model is not None:
+        comp.ref_model.eval()
+    if start_step >= cfg.max_iters:
+        log.info("nothing to do: checkpoint step %d >= --max_iters=%d", start_step, cfg.max_iters)
+    step_seconds = 0.0
+    for step in range(start_step, cfg.max_iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rec = trainer.train_step(dp, step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step_seconds = dt if step == start_step else 0.9 * step_seconds + 0.1 * dt
+        step_tokens = rec.pop("_tokens")
+        tokens += step_tokens
+        rec["tokens"] = tokens
+        rec["tokens_per_s"] = step_tokens / dt if dt > 0 else 0.0
+        rec["mfu"] = _mfu(comp, rec["tokens_per_s"], device, cfg)
+        rec["comm_bytes"] = dp.pop_comm_bytes()
+        done = step + 1
+        last = done == cfg.max_iters
+        if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or last):
+            val = trainer.evaluate(unwrap(run_model) if not cfg.compile else run_model)
+            if val is not None:
+                rec["val_loss"] = val
+        history.append(rec)
+        if rank == 0:
+            metrics.write(rec)
+            tracker.log({k: v for k, v in rec.items() if k != "step"}, done)
+            if done == start_step + 1:
+                write_run_info(cfg.out_dir, _run_info(cfg, comp, world, device))
+            if done % cfg.log_interval == 0 or last or done == start_step + 1:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                log.info(console_line(rec, cfg.max_iters, step_seconds, peak))
+        if last or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
+            extra = {"step": done, "tokens": tokens}
+            if trainer.scaler.is_enabled():
+                extra["scaler"] = trainer.scaler.state_dict()
+            ckpt.save(done, comp.model, comp.optimizer, extra)
+    return TrainResult(step=max(start_step, cfg.max_iters), tokens=tokens, history=history)

@@ -1,0 +1,208 @@
+"""Wrap a single-device model for data parallelism, from the outside (the model knows nothing of it).
+
+:class:`DataParallelModel` gives the loop one interface over three cases:
+
+- world size 1, no process group: the bare module; no communication.
+- ``--ddp_impl=torch``: ``torch.nn.parallel.DistributedDataParallel`` with a comm hook that also
+  counts the bytes this rank hands to collectives (torch DDP does not report them).
+- ``--ddp_impl=z2all``: ``parallel.DistributedDataParallel`` (docs/architecture.md), which counts
+  its own bytes in ``comm_bytes``.
+
+Per optimizer step the loop does::
+
+    for each micro-step but the last:  with dp.no_sync(): loss.backward()   # no communication
+    last micro-step:                   loss.backward(); dp.finish_grad_sync()
+    # invariant here: every param.grad holds the gradient averaged over all ranks
+    optimizer.step(); dp.zero_grad(optimizer)
+
+``comm_bytes`` counts the payload of gradient collectives (the bytes of the tensors all-reduced, per
+rank), not the wire traffic of the ring algorithm (about 2(W-1)/W times that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class _ByteCounter:
+    """State of the counting hooks for torch DDP: bytes handed to collectives since the last reset."""
+
+    def __init__(self, process_group=None, inner_state: Any = None):
+        self.process_group = process_group
+        self.inner_state = inner_state
+        self.bytes = 0
+
+
+def _counting_allreduce_hook(state: _ByteCounter, bucket) -> torch.futures.Future:
+    """Plain averaging all-reduce of the bucket (what torch DDP does by default), counted."""
+    buf = bucket.buffer()
+    state.bytes += buf.numel() * buf.element_size()
+    group = state.process_group or dist.group.WORLD
+    buf.div_(dist.get_world_size(group))
+    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def _counting_compress_hook(dtype: torch.dtype):
+    """fp16/bf16 compression: cast, all-reduce, cast back (torch's default_hooks), counted."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    inner = default_hooks.fp16_compress_hook if dtype == torch.float16 else default_hooks.bf16_compress_hook
+
+    def hook(state: _ByteCounter, bucket) -> torch.futures.Future:
+        state.bytes += bucket.buffer().numel() * torch.tensor([], dtype=dtype).element_size()
+        return inner(state.process_group, bucket)
+
+    return hook
+
+
+def _counting_powersgd_hook(state: _ByteCounter, bucket) -> torch.futures.Future:
+    """torch's PowerSGD hook; bytes read from its own compression statistics (P, Q and uncompressed)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    ps = state.inner_state
+    buf = bucket.buffer()
+    if ps.iter < ps.start_powerSGD_iter:
+        state.bytes += buf.numel() * buf.element_size()
+        return psgd.powerSGD_hook(ps, bucket)
+    before = ps.total_numel_after_compression
+    fut = psgd.powerSGD_hook(ps, bucket)
+    state.bytes += (ps.total_numel_after_compression - before) * buf.element_size()
+    return fut
+
+
+class DataParallelModel:
+    """One interface over no wrapping, torch DDP and z2all DDP (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, cfg, device: torch.device, start_step: int = 0):
+        self.module = module  # the unwrapped model: what is saved and what the optimizer holds
+        self.impl = "none"
+        self._counter: _ByteCounter | None = None
+        self.wrapped: nn.Module = module
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            if cfg.comm_hook != "allreduce":
+                log.info("world size 1: --comm_hook=%s has nothing to compress", cfg.comm_hook)
+            return
+        self.impl = cfg.ddp_impl
+        if cfg.ddp_impl == "torch":
+            self._wrap_torch(cfg, device, start_step)
+        else:
+            self._wrap_z2all(cfg, start_step)
+
+    # ---- construction -------------------------------------------------------------------------------
+    def _wrap_torch(self, cfg, device: torch.device, start_step: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        self.wrapped = DDP(
+            self.module, device_ids=device_ids, bucket_cap_mb=max(1, cfg.bucket_size * 4 // 2**20)
+        )
+        if cfg.comm_hook == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+            ps = psgd.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=cfg.powersgd_rank,
+                start_powerSGD_iter=max(2, cfg.powersgd_start_iter),
+                use_error_feedback=True,
+                warm_start=True,
+                random_seed=cfg.seed,
+            )
+            # The hook counts its own iterations (one per synced backward = one per optimizer step);
+            # a resumed run continues the plain/compressed phase where it was. Error feedback and warm
+            # start memories are not checkpointed, so a PowerSGD resume is close, not bit-exact.
+            ps.iter = start_step
+            self._counter = _ByteCounter(None, ps)
+            self.wrapped.register_comm_hook(self._counter, _counting_powersgd_hook)
+        elif cfg.comm_hook in ("fp16", "bf16"):
+            self._counter = _ByteCounter(None)
+            dtype = torch.float16 if cfg.comm_hook == "fp16" else torch.bfloat16
+            self.wrapped.register_comm_hook(self._counter, _counting_compress_hook(dtype))
+        else:
+            self._counter = _ByteCounter(None)
+            self.wrapped.register_comm_hook(self._counter, _counting_allreduce_hook)
+
+    def _wrap_z2all(self, cfg, start_step: int) -> None:
+        from parallel import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            bucket_size=cfg.bucket_size,
+        )
+        self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
+        if cfg.comm_hook != "allreduce":
+            from parallel import ddp_comm_hooks as hooks
+
+            if cfg.comm_hook == "powersgd":
+                state = hooks.PowerSGDState(
+                    process_group=None,
+                    matrix_approximation_rank=cfg.powersgd_rank,
+                    start_powerSGD_iter=cfg.powersgd_start_iter,
+                    random_seed=cfg.seed,
+                )
+                state.iter = start_step
+                self.wrapped.register_comm_hook(state, hooks.powerSGD_hook)
+            else:
+                hook = hooks.fp16_compress_hook if cfg.comm_hook == "fp16" else hooks.bf16_compress_hook
+                self.wrapped.register_comm_hook(None, hook)
+
+    # ---- the per-step protocol ----------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def no_sync(self):
+        """Context for accumulation micro-steps: gradients accumulate locally, nothing is sent."""
+        if self.impl == "none":
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    def finish_grad_sync(self) -> None:
+        """After the last backward of a step: wait until every param.grad is the all-rank average."""
+        if self.impl == "z2all":
+            self.wrapped.finish_grad_sync()
+        # torch DDP finishes its all-reduces inside backward() (autograd waits on the hook futures).
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.impl == "z2all":
+            self.wrapped.zero_grad_buffer()
+            optimizer.zero_grad(set_to_none=False)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def pop_comm_bytes(self) -> int:
+        """Bytes this rank handed to gradient collectives since the last call."""
+        if self.impl == "torch":
+            n, self._counter.bytes = self._counter.bytes, 0
+            return n
+        if self.impl == "z2all":
+            n = int(self.wrapped.comm_bytes)
+            reset = getattr(self.wrapped, "reset_comm_bytes", None)
+            if reset is not None:
+                reset()
+            else:
+                self.wrapped.comm_bytes = 0
+            return n
+        return 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers: saved names carry neither
+    ``module.`` nor ``_orig_mod.``."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif (
+            isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module)
+        ):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,188 @@
+"""The three training objectives: pretrain, SFT and DPO, as losses over one micro-batch.
+
+A micro-batch is a dict of tensors built by the task's ``collate``. Every task computes its loss from
+the model's logits itself (never ``out.loss``), with targets already aligned to the logit positions:
+``targets[b, t]`` is the token the model should predict after reading ``input_ids[b, :t+1]``, and
+``-100`` marks positions that carry no loss. Pretraining windows come that way from the dataset
+(``x = w[:-1], y = w[1:]``); SFT/DPO batches are shifted here.
+
+Normalisation rule (so that 1 rank == N ranks): a micro-batch's loss is the *mean over its own
+trainable tokens* (pretrain/SFT) or over its pairs (DPO). The step loss is the mean of the G global
+micro-batch losses; see ``loop.py`` for how ranks split it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# The metric names TRL's DPOTrainer logs, so curves are comparable with TRL runs.
+DPO_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@dataclass
+class MicroResult:
+    loss: torch.Tensor
+    """Scalar loss of this micro-batch (graph attached), normalised as the module docstring says."""
+    stats: dict[str, torch.Tensor]
+    """Detached scalars averaged over micro-batches for logging (e.g. DPO rewards)."""
+    n_tokens: int
+    """Token positions this micro-batch pushed through the model (for tokens and tokens/s)."""
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels aligned with input_ids -> (B, T) targets aligned with logits (last is ignored)."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def token_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions with target != -100; 0 (not nan) when there are none."""
+    # logits: (B, T, V), targets: (B, T); CE in fp32 whatever the autocast dtype.
+    flat = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return flat / count
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of log p(target) over positions with target != -100."""
+    mask = targets != IGNORE_INDEX  # (B, T)
+    safe = targets.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    picked = torch.gather(logp, 2, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(-1)
+
+
+def dpo_sigmoid_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO (Rafailov et al. 2023) over (B,) sequence log-probs; returns (mean loss, TRL metrics)."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)  # (B,)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    # -log sigmoid(margin); equals ln 2 when policy == reference (margin 0).
+    losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    chosen_d, rejected_d = chosen_reward.detach(), rejected_reward.detach()
+    stats = {
+        "rewards/chosen": chosen_d.mean(),
+        "rewards/rejected": rejected_d.mean(),
+        "rewards/accuracies": (chosen_d > rejected_d).float().mean(),
+        "rewards/margins": (chosen_d - rejected_d).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    return losses.mean(), stats
+
+
+def _pad_stack(seqs: list[torch.Tensor], value: int, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = min(len(s), length)
+        out[i, :n] = torch.as_tensor(s[:n], dtype=torch.long)
+    return out
+
+
+class PretrainTask:
+    """Next-token loss on packed windows ``(x, y)`` from ``PretokDatasetWithIndex``."""
+
+    name = "pretrain"
+
+    def collate(self, samples: list) -> dict[str, torch.Tensor]:
+        xs, ys = zip(*samples)
+        return {
+            "input_ids": torch.stack([torch.as_tensor(x) for x in xs]).long(),
+            "targets": torch.stack([torch.as_tensor(y) for y in ys]).long(),
+        }
+
+    def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
+        logits = model(batch["input_ids"]).logits  # (B, T, V)
+        return MicroResult(token_mean_ce(logits, batch["targets"]), {}, batch["input_ids"].numel())
+
+
+class SFTTask:
+    """Loss only on assistant tokens: samples are ``(input_ids, labels)`` with -100 outside replies.
+
+    ``labels`` are aligned with ``input_ids`` (Hugging Face convention) and shifted here.
+    """
+
+    name = "sft"
+
+    def __init__(self, pad_id: int, max_seq_len: int):
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+
+    def collate(self, samples: list) -> dict[str, torch.Tensor]:
+        ids = [torch.as_tensor(s[0]) for s in samples]
+        labels = [torch.as_tensor(s[1]) for s in samples]
+        length = min(self.max_seq_len, max(len(x) for x in ids))
+        input_ids = _pad_stack(ids, self.pad_id, length)
+        labels_p = _pad_stack(labels, IGNORE_INDEX, length)
+        return {"input_ids": input_ids, "targets": shift_labels(labels_p)}
+
+    def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
+        logits = model(batch["input_ids"]).logits  # (B, T, V); right padding needs no attention mask
+        return MicroResult(token_mean_ce(logits, batch["targets"]), {}, batch["input_ids"].numel())
+
+
+class DPOTask:
+    """Sigmoid DPO against a frozen reference model.
+
+    Samples are dicts with ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids`` and
+    ``rejected_labels`` (labels -100 on the prompt, aligned with input_ids). Chosen and rejected go
+    through the model in one forward of 2B rows so both see the same weights and kernels.
+    """
+
+    name = "dpo"
+
+    def __init__(self, pad_id: int, max_seq_len: int, beta: float):
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+        self.beta = beta
+
+    def collate(self, samples: list) -> dict[str, torch.Tensor]:
+        ids = [torch.as_tensor(s["chosen_input_ids"]) for s in samples]
+        ids += [torch.as_tensor(s["rejected_input_ids"]) for s in samples]
+        labels = [torch.as_tensor(s["chosen_labels"]) for s in samples]
+        labels += [torch.as_tensor(s["rejected_labels"]) for s in samples]
+        length = min(self.max_seq_len, max(len(x) for x in ids))
+        # rows 0..B-1 are chosen, B..2B-1 rejected
+        return {
+            "input_ids": _pad_stack(ids, self.pad_id, length),
+            "targets": shift_labels(_pad_stack(labels, IGNORE_INDEX, length)),
+        }
+
+    def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
+        if ref_model is None:
+            raise ValueError("DPO needs a reference model")
+        n = batch["input_ids"].size(0) // 2
+        logps = sequence_logps(model(batch["input_ids"]).logits, batch["targets"])  # (2B,)
+        with torch.no_grad():
+            ref_logps = sequence_logps(ref_model(batch["input_ids"]).logits, batch["targets"])
+        loss, stats = dpo_sigmoid_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], self.beta)
+        return MicroResult(loss, stats, batch["input_ids"].numel())
+
+
+LN2 = math.log(2.0)
