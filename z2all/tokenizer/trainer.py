@@ -1,0 +1,274 @@
+"""Train a tokenizer from an iterator of texts and save it in a folder both z2all and transformers load.
+
+Two kinds, both lossless (``decode(encode(text)) == text``, no Unicode normalization) and both with the
+special tokens of :mod:`z2all.tokenizer.special_tokens` at ids ``0..15``:
+
+* ``hf_bbpe``: byte-level BPE with Hugging Face ``tokenizers`` (GPT-2 style: every byte is a symbol,
+  so there is no ``<unk>``; the GPT-2 regex splits words, digits and punctuation before merging).
+* ``sp_bbpe``: BPE with ``sentencepiece`` and ``byte_fallback`` (characters outside the learned
+  alphabet become ``<0xNN>`` byte pieces). ``tokenizer.model`` is the reference; a converted
+  ``tokenizer.json`` is written next to it so ``AutoTokenizer`` loads the folder too.
+
+Files in the saved folder::
+
+    tokenizer.json            HF tokenizers pipeline (both kinds)
+    tokenizer.model           sentencepiece model (sp_bbpe only; z2all's loader uses it)
+    tokenizer_config.json     transformers: class, special tokens, ChatML chat_template
+    special_tokens_map.json   transformers: bos/eos/unk/pad + additional special tokens
+    chat_template.jinja       the same ChatML template, for transformers >= 4.43 style loading
+    z2all_tokenizer.json      z2all: tokenizer_type, vocab_size, special token ids
+
+This module knows nothing about file formats of corpora: the ``python -m z2all.tokenizer.train_tokenizer``
+face feeds it texts from :mod:`z2all.data.readers`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from z2all.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from z2all.tokenizer.special_tokens import (
+    BOS,
+    CHAT_TEMPLATE,
+    EOS,
+    IM_END,
+    IM_START,
+    NUM_SPECIAL_TOKENS,
+    PAD,
+    SPECIAL_TOKENS,
+    UNK,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_TYPES = ("hf_bbpe", "sp_bbpe")
+SP_SPACE = "\u2581"  # sentencepiece's visible space "▁"
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """How to train a tokenizer (every flag of ``python -m z2all.tokenizer.train_tokenizer``)."""
+
+    data_dir: str = ""
+    """Folder with .jsonl/.json/.parquet/.txt files (searched recursively)."""
+    save_dir: str = ""
+    """Output folder; created if missing, files in it are replaced atomically."""
+    vocab_size: int = 32000
+    """Total vocabulary including the 16 special tokens (and, for sp_bbpe, the 256 byte pieces)."""
+    tokenizer_type: str = "hf_bbpe"
+    """``hf_bbpe`` (HF tokenizers byte-level BPE) or ``sp_bbpe`` (sentencepiece BPE + byte_fallback)."""
+    max_chars: int = 0
+    """Stop reading after this many characters of training text (0 = read everything)."""
+    text_field: str = ""
+    """Record field holding the text; empty tries ``text`` then ``content``."""
+    min_frequency: int = 2
+    """hf_bbpe: a pair must occur this often to be merged."""
+    character_coverage: float = 0.9995
+    """sp_bbpe: share of characters kept as symbols; the rest fall back to bytes. Lower it for tiny vocabs."""
+    max_sentence_bytes: int = 8192
+    """sp_bbpe: documents are cut at line ends into training pieces of at most this many UTF-8 bytes."""
+    num_threads: int = 0
+    """Trainer threads (0 = all cores)."""
+
+    def __post_init__(self):
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(
+                f"--tokenizer_type must be one of {TOKENIZER_TYPES}, got {self.tokenizer_type!r}"
+            )
+        min_vocab = NUM_SPECIAL_TOKENS + 256
+        if self.vocab_size <= min_vocab:
+            raise ValueError(f"--vocab_size must exceed {min_vocab} (16 special tokens + 256 bytes)")
+        if self.num_threads <= 0:
+            self.num_threads = os.cpu_count() or 1
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> Path:
+    """Train on ``texts`` and save to ``cfg.save_dir``; returns the folder."""
+    save_dir = Path(cfg.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.tokenizer_type == "hf_bbpe":
+        tokenizer_json = _train_hf_bbpe(texts, cfg)
+    else:
+        model_bytes = _train_sp_bbpe(texts, cfg)
+        atomic_write_bytes(save_dir / "tokenizer.model", model_bytes)
+        tokenizer_json = sp_model_to_tokenizer_json(model_bytes)
+    atomic_write_text(save_dir / "tokenizer.json", tokenizer_json)
+    vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"])
+    write_config_files(save_dir, cfg.tokenizer_type, vocab_size)
+    logger.info("saved %s tokenizer (vocab %d) to %s", cfg.tokenizer_type, vocab_size, save_dir)
+    return save_dir
+
+
+def write_config_files(save_dir: Path, tokenizer_type: str, vocab_size: int) -> None:
+    """The transformers-compatible config files plus z2all's own ``z2all_tokenizer.json``."""
+    special_map = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": PAD,
+        "additional_special_tokens": SPECIAL_TOKENS[4:],
+    }
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_map,
+        "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        # Lossless decode: transformers must not "clean up" spaces before punctuation.
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
+    atomic_write_json(save_dir / "special_tokens_map.json", special_map)
+    atomic_write_json(save_dir / "tokenizer_config.json", tok_config)
+    atomic_write_text(save_dir / "chat_template.jinja", CHAT_TEMPLATE)
+    atomic_write_json(
+        save_dir / "z2all_tokenizer.json",
+        {
+            "format_version": 1,
+            "tokenizer_type": tokenizer_type,
+            "vocab_size": vocab_size,
+            "special_tokens": {tok: i for i, tok in enumerate(SPECIAL_TOKENS)},
+            "im_start": IM_START,
+            "im_end": IM_END,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------- hf_bbpe
+def _train_hf_bbpe(texts: Iterable[str], cfg: TokenizerTrainConfig) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # No normalizer: lossless. add_prefix_space=False: "Hello" at the start of a text is not " Hello".
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,  # ids 0..15 in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    for i, s in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
+    return tok.to_str()
+
+
+# ---------------------------------------------------------------------------------------------- sp_bbpe
+def _sentence_pieces(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Cut documents at line ends into pieces of <= max_bytes UTF-8 bytes (sentencepiece skips longer
+    sentences). Newlines stay attached to their line so the trainer still sees them."""
+    for text in texts:
+        if len(text.encode("utf-8")) <= max_bytes:
+            yield text
+            continue
+        buf: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            n = len(line.encode("utf-8"))
+            if buf and size + n > max_bytes:
+                yield "".join(buf)
+                buf, size = [], 0
+            if n > max_bytes:  # one huge line: hard-cut by characters
+                step = max(1, max_bytes // 4)
+                for i in range(0, len(line), step):
+                    yield line[i : i + step]
+                continue
+            buf.append(line)
+            size += n
+        if buf:
+            yield "".join(buf)
+
+
+def _train_sp_bbpe(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    try:
+        _sp_train(spm, texts, cfg, out)
+    except RuntimeError as e:
+        if "required_chars" in str(e):
+            raise ValueError(
+                f"--vocab_size={cfg.vocab_size} is too small for sp_bbpe: the characters needed for "
+                f"--character_coverage={cfg.character_coverage} do not fit ({str(e).split('. ')[-2]}). "
+                "Raise --vocab_size or lower --character_coverage (sentencepiece allows >= 0.98)."
+            ) from e
+        raise
+    return out.getvalue()
+
+
+def _sp_train(spm, texts: Iterable[str], cfg: TokenizerTrainConfig, out: io.BytesIO) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentence_pieces(texts, cfg.max_sentence_bytes),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=cfg.vocab_size,
+        byte_fallback=True,
+        character_coverage=cfg.character_coverage,
+        # Lossless: no NFKC, no dummy "▁" prefix, keep runs of spaces.
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=cfg.max_sentence_bytes,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        pad_piece=PAD,
+        # control symbols are never produced from text: injection-proof by construction.
+        control_symbols=SPECIAL_TOKENS[4:],
+        num_threads=cfg.num_threads,
+        train_extremely_large_corpus=False,
+        minloglevel=2,
+    )
+
+
+def sp_model_to_tokenizer_json(model_bytes: bytes) -> str:
+    """Convert a sentencepiece BPE model to an equivalent HF ``tokenizer.json``.
+
+    sentencepiece BPE pieces are stored in merge order (score = -rank), so the merge that builds piece
+    ``p`` is any split ``p = a + b`` with both halves in the vocab, ranked by ``p``'s id. Equivalence with
+    sentencepiece is checked by tests on real text.
+    """
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for piece, pid in vocab.items():
+        if pid < NUM_SPECIAL_TOKENS or sp.is_byte(pid) or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((pid, vocab[left], vocab[right], left, right))
+    merges.sort()
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in merges],
+            unk_token=UNK,
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
+    tok.normalizer = normalizers.Replace(" ", SP_SPACE)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SP_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    return tok.to_str()
