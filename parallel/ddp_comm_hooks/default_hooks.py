@@ -1,0 +1,78 @@
+"""The default per-bucket collectives: all-reduce (plain DDP) and reduce-scatter (ZeRO-1).
+
+Both follow the hook API of :mod:`parallel.ddp_comm_hooks.bucket`: ``hook(state, bucket)`` returns a
+Future whose value is ``bucket.buffer()`` itself, reduced in place, so the DDP never has to copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DefaultHookState:
+    """State of the default hooks."""
+
+    process_group: dist.ProcessGroup | None = None
+    """Data-parallel group; None means the default (world) group."""
+
+    average_in_collective: bool = False
+    """Use ReduceOp.AVG where the backend has it (NCCL); otherwise pre-divide by the world size."""
+
+
+def _resolve(state) -> tuple[dist.ProcessGroup, bool]:
+    """Accept a DefaultHookState, a bare ProcessGroup (as torch's hooks do) or None."""
+    if isinstance(state, DefaultHookState):
+        group, avg = state.process_group, state.average_in_collective
+    else:
+        group, avg = state, False
+    group = group if group is not None else dist.group.WORLD
+    return group, avg
+
+
+def _supports_avg(group: dist.ProcessGroup) -> bool:
+    # Only NCCL implements ReduceOp.AVG; gloo raises on it, so we pre-divide there instead.
+    return dist.get_backend(group) == "nccl"
+
+
+def _prepare_average(tensor: torch.Tensor, group: dist.ProcessGroup, avg: bool) -> dist.ReduceOp:
+    """Either pre-divide ``tensor`` in place (returns SUM) or return AVG; the sum stays an average."""
+    if avg and _supports_avg(group):
+        return dist.ReduceOp.AVG
+    tensor.div_(group.size())
+    return dist.ReduceOp.SUM
+
+
+def allreduce_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce ``bucket.buffer()`` in place to the average over the group."""
+    group, avg = _resolve(state)
+    buf = bucket.buffer()  # (numel_padded,)
+    op = _prepare_average(buf, group, avg)
+    bucket.record_comm_bytes(buf.numel() * buf.element_size())
+    work = dist.all_reduce(buf, op=op, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def reduce_scatter_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """Reduce-scatter ``bucket.buffer()``: afterwards only shard r (the r-th 1/W slice) on rank r holds
+    the average; the other slices still hold this rank's local (pre-divided) gradient, i.e. garbage.
+
+    The returned Future's value is the whole buffer (same storage), so the DDP does not copy it.
+    """
+    group, avg = _resolve(state)
+    buf = bucket.buffer()  # (numel_padded,), numel_padded % W == 0 by the buffer's padding invariant
+    world = group.size()
+    if buf.numel() % world != 0:
+        raise RuntimeError(
+            f"bucket {bucket.index()} has {buf.numel()} elements, not a multiple of the group size {world}"
+        )
+    shard_len = buf.numel() // world
+    rank = group.rank()
+    shard = buf[rank * shard_len : (rank + 1) * shard_len]  # output aliases the input, as in Megatron
+    op = _prepare_average(buf, group, avg)
+    bucket.record_comm_bytes(buf.numel() * buf.element_size())
+    work = dist.reduce_scatter_single(shard, buf, op=op, group=group, async_op=True)
+    return work.get_future().then(lambda fut: buf)

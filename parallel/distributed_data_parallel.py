@@ -1,0 +1,319 @@
+"""Our data-parallel wrapper: bucketed gradient buffers, overlapped per-bucket collectives, comm hooks.
+
+Data flow of one iteration (design page with the full picture: ``docs/ddp.md``)::
+
+    backward: AccumulateGrad(p) -> post-accumulate hook: p.main_grad += p.grad; p.grad = None
+              bucket complete?  -> launch every complete bucket from ``_next_bucket`` on, in index
+                                   order: hook(state, GradBucket) -> Future (async collective)
+    finish_grad_sync(): launch the rest in index order, wait all Futures, p.grad = averaged grad
+    optimizer.step(); zero_grad_buffer()
+
+THE ordering invariant (why there is no hang and no corruption with gloo or NCCL): on every rank,
+collectives are issued in strictly increasing global bucket index, each bucket exactly once per
+iteration. Launched buckets always form a prefix ``[0, _next_bucket)``. A bucket whose gradients
+arrive early (out-of-order backward) waits until all lower buckets are complete; a bucket holding a
+parameter that got no gradient this step (unused) never completes during backward, so it and all
+later buckets are launched by ``finish_grad_sync()``, again in index order. Which buckets overlap
+with backward may thus differ between ranks, but the SEQUENCE of collectives never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.ddp_comm_hooks.bucket import GradBucket
+from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, allreduce_hook, reduce_scatter_hook
+from parallel.distributed_data_parallel_config import DistributedDataParallelConfig
+from parallel.param_and_grad_buffer import ParamAndGradBuffer, _Bucket
+
+logger = logging.getLogger(__name__)
+
+CommHook = Callable[[object, GradBucket], torch.futures.Future]
+
+
+class DistributedDataParallel(nn.Module):
+    """Wrap any ``nn.Module`` for data-parallel training over ``process_group`` (default: world)."""
+
+    def __init__(
+        self,
+        config: DistributedDataParallelConfig,
+        module: nn.Module,
+        process_group: dist.ProcessGroup | None = None,
+    ):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "DistributedDataParallel needs an initialised torch.distributed process group "
+                "(launch with torchrun and call torch.distributed.init_process_group first)"
+            )
+        if not isinstance(config, DistributedDataParallelConfig):
+            raise TypeError(f"config must be a DistributedDataParallelConfig, got {type(config).__name__}")
+        self.config = config
+        self.module = module
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.dp_size = dist.get_world_size(self.process_group)
+        self.dp_rank = dist.get_rank(self.process_group)
+        self.global_rank = dist.get_rank()
+
+        # named_parameters() de-duplicates shared (tied) parameters: each appears once, first name.
+        self.param_to_name: dict[nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        params = [p for p in self.param_to_name if p.requires_grad]  # registration order
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all trainable parameters must be on one device, found {sorted(map(str, devices))}"
+            )
+
+        # Parameters still start in their own storage: broadcast them first, then copy into buffers.
+        if config.broadcast_params:
+            self._broadcast_from_rank0(module)
+
+        # One buffer per (param dtype, grad dtype), in order of first appearance.
+        groups: dict[tuple[torch.dtype, torch.dtype], list[nn.Parameter]] = {}
+        for p in params:
+            grad_dtype = torch.float32 if config.grad_reduce_in_fp32 else p.dtype
+            groups.setdefault((p.dtype, grad_dtype), []).append(p)
+        self.param_and_grad_buffers: list[ParamAndGradBuffer] = []
+        self.buckets: list[_Bucket] = []  # global order = collective order
+        for (param_dtype, grad_dtype), group_params in groups.items():
+            buf = ParamAndGradBuffer(
+                group_params,
+                param_dtype,
+                grad_dtype,
+                data_parallel_size=self.dp_size,
+                bucket_size=config.bucket_size,
+                # Only the very first bucket of the whole model is the small one.
+                first_bucket_size=config.first_bucket_size if not self.buckets else config.bucket_size,
+                alignment=config.bucket_alignment,
+                first_bucket_index=len(self.buckets),
+            )
+            self.param_and_grad_buffers.append(buf)
+            self.buckets.extend(buf.buckets)
+        self._param_to_bucket: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
+        self._grad_buckets = [
+            GradBucket(
+                index=b.index,
+                is_last=b.index == len(self.buckets) - 1,
+                buffer=b.grad_data,
+                params=b.params,
+                param_names=[self.param_to_name[p] for p in b.params],
+                offsets=b.offsets,
+                process_group=self.process_group,
+                record_comm_bytes=self._record_comm_bytes,
+            )
+            for b in self.buckets
+        ]
+
+        self._default_state = DefaultHookState(self.process_group, config.average_in_collective)
+        self._comm_hook: CommHook | None = None
+        self._comm_hook_state: object = None
+        self._comm_bytes = 0
+        # Per-iteration state (reset by zero_grad_buffer()).
+        self._futures: list[torch.futures.Future | None] = [None] * len(self.buckets)
+        self._next_bucket = 0  # buckets [0, _next_bucket) have been launched this iteration
+        self._grads_synced = False  # finish_grad_sync() ran; main grads hold averages
+        self._local_nonfinite: list[str] = []
+        self._sync_enabled = True  # False inside no_sync()
+        self._backward_seen = False
+
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        logger.info(
+            "DDP: %d params in %d buffer(s), %d bucket(s) %s, world %d, overlap=%s",
+            len(params),
+            len(self.param_and_grad_buffers),
+            len(self.buckets),
+            [b.end - b.start for b in self.buckets][:8],
+            self.dp_size,
+            config.overlap_grad_reduce,
+        )
+
+    # --- construction helpers -------------------------------------------------------------------
+    def _broadcast_from_rank0(self, module: nn.Module) -> None:
+        src = dist.get_global_rank(self.process_group, 0)
+        with torch.no_grad():
+            for t in list(self.param_to_name) + list(module.buffers()):
+                dist.broadcast(t.data, src=src, group=self.process_group)
+
+    # --- backward-time path ---------------------------------------------------------------------
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        """Post-accumulate-grad hook: move ``param.grad`` into ``main_grad``, maybe launch buckets."""
+        if param.grad is None:
+            return
+        self._backward_seen = True
+        name = self.param_to_name[param]
+        if self._grads_synced:
+            raise RuntimeError(
+                f"gradient of '{name}' arrived after finish_grad_sync(): call ddp.zero_grad_buffer() "
+                "after optimizer.step() and before the next backward"
+            )
+        bucket = self._param_to_bucket[param]
+        if self._futures[bucket.index] is not None:
+            raise RuntimeError(
+                f"gradient of '{name}' arrived after its bucket {bucket.index} was already launched this "
+                "iteration (a second backward outside no_sync()?). Wrap all but the last micro-step "
+                "in ddp.no_sync()."
+            )
+        param.main_grad.add_(param.grad)  # fp32 main_grad += bf16 grad upcasts exactly
+        param.grad = None  # free it now: main_grad is the only gradient storage
+        if not self._sync_enabled:
+            return
+        bucket.params_ready.add(param)
+        if self.config.overlap_grad_reduce and len(bucket.params_ready) == len(bucket.params):
+            # Launch the longest complete prefix from _next_bucket on (ordering invariant).
+            while self._next_bucket < len(self.buckets):
+                nxt = self.buckets[self._next_bucket]
+                if len(nxt.params_ready) != len(nxt.params):
+                    break
+                self._launch(nxt)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        """Start the collective of ``bucket``. Precondition: bucket.index == self._next_bucket."""
+        assert bucket.index == self._next_bucket, "collectives must be issued in bucket order"
+        gb = self._grad_buckets[bucket.index]
+        gb._reset()
+        if self.config.check_for_nan_in_grad:
+            self._record_nonfinite(bucket, self._local_nonfinite)
+        if self._sets_grad and bucket.grad_data.dtype == bucket.param_data.dtype:
+            # Same dtype: .grad becomes the main_grad view now, so a hook's fut.then() callback (e.g.
+            # an optimizer step per bucket) already sees the in-place reduced gradient in p.grad.
+            for p in bucket.params:
+                p.grad = p.main_grad
+        if self._comm_hook is not None:
+            fut = self._comm_hook(self._comm_hook_state, gb)
+        elif self.config.use_distributed_optimizer:
+            fut = reduce_scatter_hook(self._default_state, gb)
+        else:
+            fut = allreduce_hook(self._default_state, gb)
+        if not isinstance(fut, torch._C.Future):  # torch.futures.Future and .then() results
+            raise TypeError(
+                f"comm hook returned {type(fut).__name__} for bucket {bucket.index}, not a Future"
+            )
+        self._futures[bucket.index] = fut
+        self._next_bucket += 1
+
+    @property
+    def _sets_grad(self) -> bool:
+        # With the default reduce-scatter only a shard is valid, so .grad would be misleading.
+        return not (self.config.use_distributed_optimizer and self._comm_hook is None)
+
+    # --- public API ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate into main grads without any communication."""
+        previous = self._sync_enabled
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def start_grad_sync(self) -> None:
+        """Launch every bucket not launched yet, in index order (idempotent within an iteration)."""
+        while self._next_bucket < len(self.buckets):
+            self._launch(self.buckets[self._next_bucket])
+
+    def finish_grad_sync(self) -> None:
+        """Wait for all bucket collectives; afterwards every ``param.grad`` holds the averaged gradient.
+
+        For same-dtype grads ``param.grad`` is a view into the grad buffer; for bf16/fp16 params with
+        fp32 grads it is a copy in the param dtype (``param.main_grad`` keeps the fp32 value). With
+        ``use_distributed_optimizer`` (default hook) only each bucket's local shard of ``main_grad``
+        is valid and ``param.grad`` is left unset. Calling it twice in one iteration is a no-op.
+        """
+        if self._grads_synced:
+            return
+        self.start_grad_sync()
+        for bucket, fut in zip(self.buckets, self._futures, strict=True):
+            value = fut.wait()
+            if not isinstance(value, torch.Tensor) or value.numel() != bucket.grad_data.numel():
+                raise RuntimeError(
+                    f"comm hook Future for bucket {bucket.index} must hold a tensor of "
+                    f"{bucket.grad_data.numel()} elements, got {getattr(value, 'shape', type(value))}"
+                )
+            if value.data_ptr() != bucket.grad_data.data_ptr():
+                bucket.grad_data.copy_(value)
+        self._grads_synced = True
+        if self.config.check_for_nan_in_grad:
+            self._raise_if_nonfinite()
+        if self._sets_grad:
+            for bucket in self.buckets:
+                for p in bucket.params:
+                    p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
+
+    def zero_grad_buffer(self) -> None:
+        """Zero every main grad, drop ``param.grad`` and reset per-iteration bucket state."""
+        for fut in self._futures:
+            if fut is not None and not fut.done():
+                fut.wait()  # never zero a buffer a collective may still write into
+        for p in self._param_to_bucket:
+            p.grad = None
+        for buf in self.param_and_grad_buffers:
+            buf.zero_grad_buffer()
+        self._futures = [None] * len(self.buckets)
+        self._next_bucket = 0
+        self._grads_synced = False
+        self._local_nonfinite = []
+
+    def register_comm_hook(self, state: object, hook: CommHook) -> None:
+        """Replace the per-bucket collective by ``hook(state, bucket) -> Future[Tensor]`` (see bucket.py)."""
+        if not callable(hook):
+            raise TypeError(f"comm hook must be callable, got {type(hook).__name__}")
+        if self._comm_hook is not None:
+            raise RuntimeError("register_comm_hook may only be called once")
+        if self._backward_seen:
+            raise RuntimeError("register_comm_hook must be called before the first backward")
+        self._comm_hook, self._comm_hook_state = hook, state
+
+    @property
+    def comm_bytes(self) -> int:
+        """Payload bytes this rank handed to gradient collectives since ``reset_comm_stats()``."""
+        return self._comm_bytes
+
+    def reset_comm_stats(self) -> None:
+        self._comm_bytes = 0
+
+    def _record_comm_bytes(self, n: int) -> None:
+        self._comm_bytes += n
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped module's state dict: keys carry NO ``module.`` prefix."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load into the wrapped module in place (parameters stay views into the buffers)."""
+        if assign:
+            raise ValueError("assign=True would detach parameters from the DDP buffers; load in place")
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    # --- NaN/Inf detection ----------------------------------------------------------------------
+    def _record_nonfinite(self, bucket: _Bucket, out: list[str]) -> None:
+        if bool(torch.isfinite(bucket.grad_data).all()):
+            return
+        out.extend(
+            self.param_to_name[p] for p in bucket.params if not bool(torch.isfinite(p.main_grad).all())
+        )
+
+    def _raise_if_nonfinite(self) -> None:
+        """Called after all collectives completed on every rank, so raising here cannot hang a peer."""
+        if self._local_nonfinite:
+            raise RuntimeError(
+                f"non-finite (NaN/Inf) gradient on rank {self.global_rank} (data-parallel rank "
+                f"{self.dp_rank}) before reduction, in parameter(s): {', '.join(self._local_nonfinite)}"
+            )
+        reduced: list[str] = []
+        for bucket in self.buckets:
+            self._record_nonfinite(bucket, reduced)
+        if reduced:
+            raise RuntimeError(
+                f"non-finite (NaN/Inf) gradient after reduction on rank {self.global_rank}, in parameter(s): "
+                f"{', '.join(reduced)}; it came from another rank, whose error names it"
+            )
