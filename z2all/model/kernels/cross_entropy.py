@@ -1,0 +1,101 @@
+"""LM head + next-token cross entropy: liger fused linear CE / flash-attn / liger -> torch -> eager.
+
+Signature shared by every backend::
+
+    lm_head_loss(hidden, weight, targets, need_logits) -> (loss, logits or None)
+    hidden: (N, hidden)   weight: (vocab, hidden)   targets: (N,) int64, -100 = ignored
+    loss: fp32 scalar, mean over targets != -100      logits: (N, vocab) in hidden's dtype
+
+The fused-linear backend never materialises the (N, vocab) logits (the largest activation of a small
+model); it is used only when the caller does not ask for logits, otherwise the chain falls back.
+Logits are upcast to fp32 for the loss as transformers does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from z2all.model.kernels._registry import Backend, KernelOp, cuda_available, try_import
+
+IGNORE_INDEX = -100
+
+
+def eager_lm_head_loss(hidden, weight, targets, need_logits=True):
+    logits = F.linear(hidden, weight)  # (N, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    valid = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    loss = -(picked * valid).sum() / valid.sum()
+    return loss, logits
+
+
+def torch_lm_head_loss(hidden, weight, targets, need_logits=True):
+    logits = F.linear(hidden, weight)
+    loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    return loss, logits
+
+
+@functools.cache
+def _liger_flce():
+    mod = try_import("liger_kernel.transformers.fused_linear_cross_entropy")
+    return mod.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+
+def liger_fused_linear_loss(hidden, weight, targets, need_logits=True):
+    return _liger_flce()(weight, hidden, targets), None
+
+
+@functools.cache
+def _liger_ce():
+    mod = try_import("liger_kernel.transformers.cross_entropy")
+    return mod.LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+
+def liger_lm_head_loss(hidden, weight, targets, need_logits=True):
+    logits = F.linear(hidden, weight)
+    return _liger_ce()(logits.float(), targets), logits
+
+
+@functools.cache
+def _flash_ce():
+    mod = try_import("flash_attn.losses.cross_entropy")
+    return mod.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def flash_lm_head_loss(hidden, weight, targets, need_logits=True):
+    logits = F.linear(hidden, weight)
+    return _flash_ce()(logits.float(), targets), logits
+
+
+def _lib(name: str):
+    return lambda: cuda_available() and try_import(name) is not None
+
+
+CROSS_ENTROPY = KernelOp(
+    "cross_entropy",
+    [
+        Backend(
+            "liger_fused_linear",
+            liger_fused_linear_loss,
+            _lib("liger_kernel.transformers.fused_linear_cross_entropy"),
+            lambda hidden, weight, targets, need_logits=True: hidden.is_cuda and not need_logits,
+        ),
+        Backend(
+            "flash_attn",
+            flash_lm_head_loss,
+            _lib("flash_attn.losses.cross_entropy"),
+            lambda hidden, *a, **k: hidden.is_cuda,
+        ),
+        Backend(
+            "liger",
+            liger_lm_head_loss,
+            _lib("liger_kernel.transformers.cross_entropy"),
+            lambda hidden, *a, **k: hidden.is_cuda,
+        ),
+        Backend("torch", torch_lm_head_loss),
+        Backend("eager", eager_lm_head_loss),
+    ],
+)
