@@ -1,0 +1,129 @@
+"""Records of an SFT/DPO source file, parsed one by one, with a report of what was skipped and why.
+
+Shared by the SFT and DPO builders. Records are numbered (``line N`` in .jsonl, ``item N`` in a
+.json array, ``row N`` in .parquet); a ``parse`` function turns a record into the builder's
+input or raises :class:`~z2all.data.chat.ChatFormatError` naming the record. Bad records are counted
+and the first few named, never fatal: one broken line in a million should not stop a run, but the
+report (logged, and stored in the pretokenized sidecar) makes it visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from z2all.data.chat import ChatFormatError
+from z2all.data.readers import DataFileError, ReadStats, iter_records
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 5  # how many bad / dropped records a report names
+T = TypeVar("T")
+
+
+@dataclass
+class BuildReport:
+    """What happened to the records of one source."""
+
+    source: str
+    n_records: int = 0  # records in the file, good or bad
+    n_bad: int = 0  # skipped: unparsable JSON, or not in an accepted layout
+    n_samples: int = 0  # samples kept
+    n_truncated: int = 0  # kept, but cut to max_seq_len
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count of valid records not kept
+    bad_examples: list[str] = field(default_factory=list)  # "file line N: reason", the first few
+    dropped_examples: list[str] = field(default_factory=list)  # "file line N: reason", the first few
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def add_bad(self, where: str, reason: str) -> None:
+        self.n_bad += 1
+        if len(self.bad_examples) < MAX_EXAMPLES:
+            self.bad_examples.append(f"{where}: {reason}")
+
+    def add_dropped(self, where: str, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if len(self.dropped_examples) < MAX_EXAMPLES:
+            self.dropped_examples.append(f"{where}: {reason}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def log_summary(self) -> None:
+        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
+        log.info(
+            "%s: %d samples from %d records (%d truncated); dropped %d (%s); %d bad records",
+            *(
+                self.source,
+                self.n_samples,
+                self.n_records,
+                self.n_truncated,
+                self.n_dropped,
+                dropped,
+                self.n_bad,
+            ),
+        )
+        for line in self.bad_examples:
+            log.warning("bad record %s", line)
+        for line in self.dropped_examples:
+            log.info("dropped %s", line)
+
+
+def iter_json_records(path: str | os.PathLike, stats: ReadStats) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` of a .jsonl/.json/.parquet source; unparsable records go to ``stats``.
+
+    .json and .parquet go through the shared reader (streamed; records must be objects). .jsonl is
+    read here because a conversation may be a bare JSON *list* of messages per line, which the
+    shared reader (objects only) would reject.
+    """
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        kind = "item" if path.suffix == ".json" else "row"
+        for pos, record in iter_records(path, stats=stats):
+            yield f"{path}:{kind} {pos}", record
+        return
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataFileError(f"cannot read data file {path}: {e}") from e
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
+                continue
+            except json.JSONDecodeError as e:
+                stats.add_bad(path, f"line {lineno}", "invalid_json", f"{e.msg} at column {e.colno}")
+                continue
+            if not isinstance(record, (dict, list)):
+                stats.add_bad(path, f"line {lineno}", "not_an_object", type(record).__name__)
+                continue
+            yield f"{path}:line {lineno}", record
+
+
+def iter_parsed(
+    path: str | os.PathLike, parse: Callable[[Any, str], T], report: BuildReport
+) -> Iterator[tuple[T, str]]:
+    """``(parse(record, where), where)`` for each good record; bad ones are counted in ``report``."""
+    stats = ReadStats(max_examples=MAX_EXAMPLES)
+    for where, record in iter_json_records(path, stats):
+        report.n_records += 1
+        try:
+            yield parse(record, where), where
+        except ChatFormatError as e:
+            report.add_bad(where, str(e).removeprefix(f"{where}: "))
+    # Records the reader rejected (unparsable) never reached ``parse``: fold them in.
+    report.n_records += stats.num_bad
+    report.n_bad += stats.num_bad
+    room = max(0, MAX_EXAMPLES - len(report.bad_examples))
+    report.bad_examples += stats.examples[:room]
