@@ -231,7 +231,7 @@ def _sp_train(spm, texts: Iterable[str], cfg: TokenizerTrainConfig, out: io.Byte
         # control symbols are never produced from text: injection-proof by construction.
         control_symbols=SPECIAL_TOKENS[4:],
         num_threads=cfg.num_threads,
-        train_extremely_large_corpus=False,
+        hard_vocab_limit=False,  # a small corpus may not fill vocab_size: a soft maximum
         minloglevel=2,
     )
 

@@ -1,0 +1,74 @@
+"""Fixtures for data and tokenizer tests: tiny trained tokenizers, built once per session.
+
+``tiny_tokenizer_dir`` (hf_bbpe, vocab 1000) and ``tiny_sp_tokenizer_dir`` (sp_bbpe, vocab <= 2000) are
+trained on the first documents of the shared Chinese corpus and a few standard-library modules when
+``../shared/data`` exists, else on built-in bilingual text; either way they are real trained tokenizers
+with the special tokens at ids 0..15. ``tiny_tokenizer`` is the loaded hf_bbpe ``Z2allTokenizer``.
+Other test folders reuse them with ``from tests.data.conftest import ...``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+from z2all.tokenizer import TokenizerTrainConfig, Z2allTokenizer, train_tokenizer
+
+BUILTIN_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    'def add(a, b):\n    """Return a + b."""\n    return a + b\n\nprint(add(1, 2))\n',
+    "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？ Learning is a treasure that follows its owner.",
+    "for i in range(10):\n\tif i % 2 == 0:\n\t\tcontinue\n\tprint(i, end=' ')\n",
+    "Numbers 0123456789, emoji 😀🎉, and mixed 中文English混排 text with  double  spaces.",
+]
+
+
+def fixture_texts(max_zh_docs: int = 200, max_code_docs: int = 3) -> list[str]:
+    """Training texts: real documents when the shared corpora exist, else built-in text (repeated)."""
+    zh = SHARED_DATA / "pretrain" / "zh_fortunes.jsonl"
+    code = SHARED_DATA / "pretrain" / "py_code.json"
+    if not (zh.is_file() and code.is_file()):
+        return BUILTIN_TEXTS * 20
+    texts = []
+    with open(zh, encoding="utf-8") as f:
+        for _, line in zip(range(max_zh_docs), f):
+            texts.append(json.loads(line)["text"])
+    import ijson
+
+    with open(code, "rb") as f:
+        for _, rec in zip(range(max_code_docs), ijson.items(f, "item")):
+            texts.append(rec["content"])
+    return texts + BUILTIN_TEXTS
+
+
+def build_tokenizer(save_dir: Path, tokenizer_type: str, vocab_size: int) -> Path:
+    cfg = TokenizerTrainConfig(
+        save_dir=str(save_dir),
+        vocab_size=vocab_size,
+        tokenizer_type=tokenizer_type,
+        character_coverage=0.98,
+        num_threads=1,
+    )
+    return train_tokenizer(fixture_texts(), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A trained hf_bbpe tokenizer folder (vocab 1000)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tok_hf_bbpe"), "hf_bbpe", 1000)
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_tokenizer_dir(tmp_path_factory) -> Path:
+    """A trained sp_bbpe tokenizer folder (vocab at most 2000: Chinese needs ~1600 character pieces)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tok_sp_bbpe"), "sp_bbpe", 2000)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir) -> Z2allTokenizer:
+    return Z2allTokenizer.from_pretrained(tiny_tokenizer_dir)
