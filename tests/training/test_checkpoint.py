@@ -1,0 +1,271 @@
+"""CheckpointManager: exact round trip, crash safety, rotation, fallback, refusal of unsafe files.
+
+The model is a tiny stand-in (embedding, dropout, linear) whose loss draws from every RNG stream, so
+"the losses after resume equal the uninterrupted ones" checks model, AdamW state and all RNG streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from z2all.training import checkpoint as ckpt_mod
+from z2all.training.checkpoint import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    list_checkpoints,
+    safe_torch_load,
+)
+from z2all.training.rng_state import seed_all
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    vocab: int = 32
+    dim: int = 16
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Tiny(nn.Module):
+    def __init__(self, cfg: TinyConfig | None = None):
+        super().__init__()
+        self.config = cfg or TinyConfig()
+        self.emb = nn.Embedding(self.config.vocab, self.config.dim)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(self.config.dim, self.config.vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, vocab)
+        return self.head(self.drop(self.emb(x)))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+    """One AdamW step whose data and loss draw from torch, numpy and python RNG (plus dropout)."""
+    x = torch.randint(0, 32, (4, 8))
+    scale = 1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+    loss = F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()) * scale
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def make(seed: int = 0, cfg: TinyConfig | None = None) -> tuple[Tiny, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Tiny(cfg)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def saved_steps(out_dir: Path) -> list[int]:
+    return sorted(s for s, _ in list_checkpoints(out_dir))
+
+
+def rewrite_manifest_entry(ckpt_dir: Path, rel: str) -> None:
+    """Make the manifest agree with a file we tampered with (a corrupt-but-consistent checkpoint)."""
+    mpath = ckpt_dir / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    data = (ckpt_dir / rel).read_bytes()
+    manifest["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mpath.write_text(json.dumps(manifest))
+
+
+def save_two(out_dir: Path, **kw) -> CheckpointManager:
+    """Checkpoints at steps 1 and 2 whose ``extra['step']`` says which one was loaded."""
+    model, opt = make()
+    mgr = CheckpointManager(out_dir, **kw)
+    for step in (1, 2):
+        train_step(model, opt)
+        mgr.save(step, model, opt, {"step": step})
+    return mgr
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, opt = make()
+    seed_all(11)
+    for _ in range(3):
+        train_step(model, opt)
+    extra = {"step": 3, "tokens": 96, "scaler": {"scale": torch.tensor(65536.0), "growth": 2000}, "tag": None}
+    # A compiled wrapper must not leak `_orig_mod.` into the checkpoint (construction does not compile).
+    path = CheckpointManager(tmp_path).save(3, torch.compile(model), opt, extra)
+    expected = [train_step(model, opt) for _ in range(3)]
+    expected_params = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_opt = opt.state_dict()
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert path.name == "step_000003" and manifest["step"] == 3 and manifest["world_size"] == 1
+    assert manifest["model_config"] == {"vocab": 32, "dim": 16}
+    meta = ckpt_mod._SafeFileSystemReader(path / "state").read_metadata()
+    assert all("_orig_mod" not in k and "module." not in k for k in meta.state_dict_metadata)
+
+    model2, opt2 = make(seed=123)  # different init, fresh optimizer, scrambled RNG
+    seed_all(999)
+    got_extra = CheckpointManager(tmp_path).load_latest(model2, opt2)
+    assert got_extra["step"] == 3 and got_extra["tokens"] == 96 and got_extra["tag"] is None
+    assert torch.equal(got_extra["scaler"]["scale"], torch.tensor(65536.0))
+    got = [train_step(model2, opt2) for _ in range(3)]
+    assert got == expected  # bit-identical losses: model, AdamW state and every RNG stream
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, expected_params[k]), k
+    for pid, st in opt2.state_dict()["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, expected_opt["state"][pid][name]), (pid, name)
+
+
+def test_empty_dir_returns_none(tmp_path):
+    model, opt = make()
+    assert CheckpointManager(tmp_path / "nothing").load_latest(model, opt) is None
+
+
+def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
+    mgr = save_two(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash before the manifest")
+
+    model, opt = make()
+    monkeypatch.setattr(ckpt_mod, "atomic_write_json", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mgr.save(3, model, opt, {"step": 3})
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt_tmp-000003" / "state").is_dir()
+    assert saved_steps(tmp_path) == [1, 2]
+
+    # A tmp folder is never complete, even one holding a full copy with a manifest.
+    import shutil
+
+    shutil.copytree(tmp_path / "step_000002", tmp_path / "ckpt_tmp-000009")
+    assert mgr.load_latest(*make(seed=5))["step"] == 2
+
+    mgr.save(4, model, opt, {"step": 4})  # the next save cleans up crashed tmp folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_rotation_keeps_newest_two(tmp_path):
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in range(1, 5):
+        mgr.save(step, model, opt, {"step": step})
+        assert saved_steps(tmp_path) == list(range(max(1, step - 1), step + 1))
+    mgr.save(4, model, opt, {"step": 44})  # re-saving a step replaces it
+    assert saved_steps(tmp_path) == [3, 4]
+    assert mgr.load_latest(model, opt)["step"] == 44
+    mgr.save(2, model, opt, {"step": 2})  # a run resumed from an older point drops its stale future
+    assert saved_steps(tmp_path) == [2]
+    with pytest.raises(ValueError, match="keep"):
+        CheckpointManager(tmp_path, keep=0)
+
+
+def _truncate(d: Path) -> None:
+    f = next((d / "state").glob("*.distcp"))
+    f.write_bytes(f.read_bytes()[:-7])
+
+
+def _bitflip(d: Path) -> None:
+    f = d / "rank_00000.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _no_manifest(d: Path) -> None:
+    (d / "manifest.json").unlink()
+
+
+def _garbage_manifest(d: Path) -> None:
+    (d / "manifest.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _bitflip, _no_manifest, _garbage_manifest])
+def test_fallback_to_previous_on_corrupt_newest(tmp_path, caplog, corrupt):
+    mgr = save_two(tmp_path)
+    corrupt(tmp_path / "step_000002")
+    with caplog.at_level(logging.WARNING, logger="z2all"):
+        extra = mgr.load_latest(*make(seed=3))
+    assert extra["step"] == 1
+    assert any("step_000002" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_fallback_on_dcp_load_error(tmp_path, caplog):
+    """Sizes and checksums agree but DCP cannot read the data: still a fallback, with a warning."""
+    mgr = save_two(tmp_path, verify=False)
+    meta = tmp_path / "step_000002" / "state" / ".metadata"
+    meta.write_bytes(b"\x00" * meta.stat().st_size)
+    rewrite_manifest_entry(tmp_path / "step_000002", "state/.metadata")
+    with caplog.at_level(logging.WARNING, logger="z2all"):
+        assert mgr.load_latest(*make(seed=3))["step"] == 1
+    assert any("failed to load" in r.getMessage() for r in caplog.records)
+
+
+def test_all_corrupt_is_an_error(tmp_path):
+    mgr = save_two(tmp_path)
+    _truncate(tmp_path / "step_000001")
+    _bitflip(tmp_path / "step_000002")
+    with pytest.raises(CorruptCheckpointError, match="no loadable checkpoint"):
+        mgr.load_latest(*make())
+
+
+def test_model_mismatch_names_the_keys(tmp_path):
+    mgr = save_two(tmp_path)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"emb\.weight: checkpoint \(32, 16\) vs model \(40, 16\)"
+    ):
+        mgr.load_latest(*make(cfg=TinyConfig(vocab=40)))
+
+
+# --- weights_only refusal ---------------------------------------------------------------------
+
+EXECUTED: list[str] = []
+
+
+def _mark_executed() -> None:
+    EXECUTED.append("ran")
+
+
+class Payload:
+    """Unpickling this calls ``_mark_executed``: proof that arbitrary code would run."""
+
+    def __reduce__(self):
+        return (_mark_executed, ())
+
+
+def test_unsafe_rank_file_is_refused(tmp_path):
+    mgr = save_two(tmp_path)
+    d = tmp_path / "step_000002"
+    torch.save({"rng": {}, "extra": {"evil": Payload()}}, d / "rank_00000.pt")
+    rewrite_manifest_entry(d, "rank_00000.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"rank_00000\.pt.*arbitrary unpickling"):
+        mgr.load_latest(*make())
+    with pytest.raises(UnsafeCheckpointError, match="rank_00000.pt"):
+        safe_torch_load(d / "rank_00000.pt")
+    assert EXECUTED == []
+
+
+def test_unsafe_dcp_metadata_is_refused(tmp_path):
+    mgr = save_two(tmp_path)
+    d = tmp_path / "step_000002"
+    (d / "state" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    rewrite_manifest_entry(d, "state/.metadata")
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata.*_mark_executed"):
+        mgr.load_latest(*make())
+    assert EXECUTED == []
+
+
+def test_unloadable_extra_is_refused_at_save(tmp_path):
+    model, opt = make()
+    with pytest.raises(ValueError, match="extra"):
+        CheckpointManager(tmp_path).save(1, model, opt, {"evil": Payload()})
+    assert saved_steps(tmp_path) == []

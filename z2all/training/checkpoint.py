@@ -1,0 +1,621 @@
+"""Checkpoints that survive crashes, change of world size and untrusted files.
+
+Design page: ``docs/checkpoint.md``. One checkpoint is a folder ``<out_dir>/step_<000123>/``::
+
+    state/            torch.distributed.checkpoint (DCP) of {"model": ..., "optim": ...}
+    rank_00000.pt     per rank: {"rng": every RNG stream of that rank, "extra": the loop's dict}
+    rank_00001.pt     ...
+    manifest.json     written LAST: step, world size, seed, model config, size + sha256 of every file
+
+Invariants:
+- A folder named ``step_*`` was complete when it got that name: every rank wrote into
+  ``ckpt_tmp-<step>/``, all ranks passed a barrier, rank 0 wrote the manifest (atomically, fsynced)
+  and only then renamed the folder. A crash at any point leaves at most a ``ckpt_tmp-*`` folder,
+  which is never loaded and is deleted by the next save.
+- Older checkpoints are deleted only after the new one has its final name, so the newest and the
+  previous complete checkpoint always exist (``keep=2``).
+- Nothing is ever unpickled freely: per-rank files load with ``torch.load(weights_only=True)``, DCP's
+  ``.metadata`` pickle goes through an allowlist unpickler and DCP's non-tensor items are checked by
+  ``weights_only`` before DCP sees them. A file that needs anything else raises
+  :class:`UnsafeCheckpointError` naming it.
+- Model and optimizer state are saved through DCP with the model's own parameter names (no
+  ``module.``/``_orig_mod.`` prefixes), replicated state deduplicated across ranks, so any world
+  size can load them, and a ZeRO-1 optimizer can later save its shards into the same ``state/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from z2all.training.rng_state import get_rng_state, rank_seed, seed_all, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "z2all-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DCP_DIR = "state"
+TMP_PREFIX = "ckpt_tmp-"
+OLD_PREFIX = "ckpt_old-"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would need arbitrary unpickling (a custom class or callable) to load."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them is complete and readable."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint is intact but does not fit the model (missing/unexpected keys, shapes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe loading
+# ---------------------------------------------------------------------------------------------
+
+# Globals DCP's .metadata pickle legitimately references. Everything else is refused.
+_SAFE_MODULES = ("torch.distributed.checkpoint.metadata",)
+_SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Unpickler for DCP metadata that resolves only the allowlisted DCP/torch classes."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        allowed = module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise UnsafeCheckpointError(
+                f"{self.source}: refused to load: it references {module}.{name}, which is not a "
+                "DCP metadata class (loading it would run arbitrary code)"
+            )
+        return super().find_class(module, name)
+
+
+class _SafeFileSystemReader(FileSystemReader):
+    """DCP reader whose ``read_metadata`` uses the allowlist unpickler instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        with open(path, "rb") as f:
+            metadata = _AllowlistUnpickler(f, str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner loads non-tensor items with ``weights_only=False``; check them first."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"{self.source}: item {read_item.dest_index.fqn!r} refused: it needs arbitrary "
+                f"unpickling ({str(e).splitlines()[0]})"
+            ) from e
+        value.seek(0)  # proven weights_only-safe: the parent may deserialize the same bytes
+        super().load_bytes(read_item, value)
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, raising :class:`UnsafeCheckpointError` with
+    the file name when the file would need arbitrary unpickling."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
+            f"({str(e).splitlines()[0]})"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip ``torch.compile`` (``_orig_mod``) and DDP (``.module``) wrappers, however nested."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        if type(model).__name__ == "DistributedDataParallel" and isinstance(inner, nn.Module):
+            model = inner
+            continue
+        return model
+
+
+def _model_config_dict(model: nn.Module) -> dict | None:
+    """The model's config as a JSON-able dict (dataclass or ``to_dict()``), or None."""
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "to_dict"):
+        d = cfg.to_dict()
+    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        d = dataclasses.asdict(cfg)
+    else:
+        return None
+    try:
+        json.dumps(d)
+    except TypeError:
+        return None
+    return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+
+
+def _coll_tensor(value: int) -> torch.Tensor:
+    # NCCL only moves CUDA tensors; gloo (and no process group) uses CPU.
+    on_cuda = _dist_on() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+def _broadcast_int(value: int) -> int:
+    if not _dist_on():
+        return value
+    t = _coll_tensor(value)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _all_reduce_max(value: int) -> int:
+    if not _dist_on():
+        return value
+    t = _coll_tensor(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@contextmanager
+def _single_process_ok(no_dist: bool) -> Iterator[None]:
+    """DCP warns on every single-process call that it assumes a single process; that is intended
+    here, so silence exactly that warning for the duration of the call."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def list_checkpoints(out_dir: str | os.PathLike, with_manifest: bool = True) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step_*`` folders (only those with a manifest unless
+    ``with_manifest=False``), newest first; nothing is verified here."""
+    out_dir = Path(out_dir)
+    found = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (not with_manifest or (p / MANIFEST).is_file()):
+                found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path}: format version {manifest.get('version')}, expected {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
+    """Why ``ckpt_dir`` is not a complete checkpoint, or None if it is (sizes, then sha256)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except CorruptCheckpointError as e:
+        return str(e)
+    for rel, info in manifest["files"].items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            return f"{path}: {size} bytes, manifest says {info['bytes']} (truncated?)"
+        if checksums and _sha256(path) != info["sha256"]:
+            return f"{path}: sha256 mismatch with {ckpt_dir / MANIFEST}"
+    return None
+
+
+def _check_model_fits(meta: Metadata, model_sd: dict[str, Any], source: Path) -> None:
+    """Strict key/shape check of the saved model against ``model_sd``; names every difference."""
+    saved = {
+        k[len("model.") :]: md.size for k, md in meta.state_dict_metadata.items() if k.startswith("model.")
+    }
+    missing = sorted(set(model_sd) - set(saved))
+    unexpected = sorted(set(saved) - set(model_sd))
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k])} vs model {tuple(v.shape)}"
+        for k, v in model_sd.items()
+        if k in saved and isinstance(v, torch.Tensor) and tuple(saved[k]) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(
+            f"{source}: checkpoint does not fit the model: missing keys {missing[:10]}, "
+            f"unexpected keys {unexpected[:10]}, shape mismatches {shapes[:10]}"
+        )
+
+
+def _load_dcp(ckpt_dir: Path, model: nn.Module, optimizer, no_dist: bool) -> None:
+    """Load model (and optimizer) state from ``ckpt_dir/state`` into the live objects, strictly."""
+    reader = _SafeFileSystemReader(ckpt_dir / DCP_DIR)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    _check_model_fits(reader.read_metadata(), state["model"], ckpt_dir)
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    with _single_process_ok(no_dist):
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(str(ckpt_dir)), no_dist=no_dist)
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Save / resume model, optimizer, per-rank RNG and the loop's ``extra`` dict under ``out_dir``.
+
+    All ranks construct it and call :meth:`save` / :meth:`load_latest` together (collective when
+    torch.distributed is initialised). ``out_dir`` must be one shared folder for all nodes.
+    """
+
+    def __init__(
+        self, out_dir: str | os.PathLike, keep: int = 2, seed: int | None = None, verify: bool = True
+    ):
+        """
+        Args:
+            out_dir: the run folder; checkpoints are ``out_dir/step_<N>``.
+            keep: complete checkpoints to keep (>= 1); older ones go after a new one is complete.
+            seed: base seed of the run; a resume on more ranks than were saved seeds the new ranks'
+                RNG with ``rank_seed(seed, rank)``. None: the seed recorded in the checkpoint.
+            verify: check every file's sha256 against the manifest before loading (sizes always).
+        """
+        if keep < 1:
+            raise ValueError(f"CheckpointManager: keep must be >= 1, got {keep}")
+        self.out_dir = Path(out_dir)
+        self.keep = keep
+        self.seed = seed
+        self.verify = verify
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self, step: int, model: nn.Module, optimizer, extra: dict | None = None) -> Path:
+        """Write checkpoint ``step`` (all ranks call); returns its final folder."""
+        rank, world = _rank_world()
+        extra = {} if extra is None else extra
+        # Serialize this rank's small file first and prove it loads with weights_only, so an
+        # un-loadable ``extra`` fails on every rank before any file is touched.
+        buf = io.BytesIO()
+        error = ""
+        try:
+            torch.save({"rng": get_rng_state(), "extra": extra}, buf)
+            torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - reported below on every rank
+            error = f"rank {rank}: checkpoint `extra` must hold only dict/list/tuple/str/number/tensor ({e})"
+        if _all_reduce_max(int(bool(error))):
+            raise ValueError(error or "another rank's checkpoint `extra` is not weights_only-loadable")
+
+        model = unwrap_model(model)
+        final = self.out_dir / f"step_{step:06d}"
+        tmp = self.out_dir / f"{TMP_PREFIX}{step:06d}"
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a crashed save of the same step
+            (tmp / DCP_DIR).mkdir(parents=True)
+        _barrier()
+
+        t0 = time.perf_counter()
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        # Collective when a process group exists: replicated tensors are written by one rank only.
+        writer = FileSystemWriter(tmp / DCP_DIR, sync_files=True)
+        with _single_process_ok(not _dist_on()):
+            dcp.save(state, storage_writer=writer, no_dist=not _dist_on())
+        atomic_write_bytes(tmp / f"rank_{rank:05d}.pt", buf.getvalue())
+        _barrier()  # every rank's files are on disk and fsynced
+
+        if rank == 0:
+            fsync_dir(tmp / DCP_DIR)
+            files = {
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in _files_under(tmp)
+            }
+            manifest = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "step": step,
+                "world_size": world,
+                "seed": self.seed,
+                "has_optimizer": optimizer is not None,
+                "model_config": _model_config_dict(model),
+                "torch_version": torch.__version__,
+                "created_unix": time.time(),
+                "files": files,
+            }
+            atomic_write_json(tmp / MANIFEST, manifest)  # the completion mark: written last
+            fsync_dir(tmp)
+            self._publish(tmp, final)
+            self._rotate(step)
+            size = sum(f["bytes"] for f in files.values())
+            logger.info("saved checkpoint %s (%.1f MB, %.2fs)", final, size / 1e6, time.perf_counter() - t0)
+        _barrier()  # nobody returns (and maybe crashes) before the checkpoint has its final name
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the complete ``tmp`` to ``final``, replacing an existing checkpoint of the same step."""
+        old = None
+        if final.exists():
+            old = final.with_name(OLD_PREFIX + final.name)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(self.out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def _rotate(self, step: int) -> None:
+        """Keep the ``keep`` newest complete checkpoints up to ``step``; drop leftovers."""
+        for s, path in list_checkpoints(self.out_dir):
+            if s > step:
+                # From a timeline this run abandoned (it resumed from an older checkpoint).
+                logger.warning("deleting checkpoint %s: newer than the step just saved (%d)", path, step)
+                shutil.rmtree(path)
+        for _, path in list_checkpoints(self.out_dir)[self.keep :]:
+            shutil.rmtree(path)
+        for p in self.out_dir.iterdir():
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(OLD_PREFIX)):
+                shutil.rmtree(p)  # never complete: crashed saves
+        fsync_dir(self.out_dir)
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load_latest(self, model: nn.Module, optimizer=None) -> dict | None:
+        """Restore model, optimizer and this rank's RNG from the newest loadable checkpoint.
+
+        All ranks call. Returns the saved ``extra`` dict, or None when ``out_dir`` has no
+        checkpoint. A newest checkpoint that is incomplete, truncated or fails to load is skipped
+        with a warning for the previous one. Raises :class:`UnsafeCheckpointError` for a file that
+        needs arbitrary unpickling, :class:`CheckpointMismatchError` when the model does not fit,
+        and :class:`CorruptCheckpointError` when checkpoints exist but none loads.
+        """
+        rank, world = _rank_world()
+        model = unwrap_model(model)
+        # Rank 0 decides which candidate to try (verification reads every byte once); the others
+        # follow its broadcasts, so all ranks always load the same step.
+        # Folders without a manifest are listed too, so that their skipping is reported.
+        candidates = list_checkpoints(self.out_dir, with_manifest=False) if rank == 0 else []
+        n_found = _broadcast_int(len(candidates))
+        problems: list[str] = []
+        while True:
+            step = -1
+            while rank == 0 and candidates:
+                s, path = candidates.pop(0)
+                why = verify_checkpoint(path, checksums=self.verify)
+                if why is None:
+                    step = s
+                    break
+                problems.append(why)
+                logger.warning("skipping checkpoint %s: %s; trying the previous one", path, why)
+            step = _broadcast_int(step)
+            if step < 0:
+                break
+            path = self.out_dir / f"step_{step:06d}"
+            code, error = 0, None
+            try:
+                extra = self._load_one(path, model, optimizer, rank, world)
+            except UnsafeCheckpointError as e:
+                code, error = 3, e
+            except CheckpointMismatchError as e:
+                code, error = 2, e
+            except Exception as e:  # noqa: BLE001 - any read/decode failure means "corrupt"
+                code, error = 1, e
+            code = _all_reduce_max(code)
+            if code == 0:
+                logger.info("resumed from checkpoint %s", path)
+                return extra
+            if code == 3:
+                raise (
+                    error
+                    if isinstance(error, UnsafeCheckpointError)
+                    else UnsafeCheckpointError(f"rank {rank}: another rank refused an unsafe file in {path}")
+                )
+            if code == 2:
+                raise (
+                    error
+                    if isinstance(error, CheckpointMismatchError)
+                    else CheckpointMismatchError(
+                        f"rank {rank}: another rank found that {path} does not fit the model"
+                    )
+                )
+            problems.append(f"{path}: {error or 'failed to load on another rank'}")
+            logger.warning("checkpoint %s failed to load (%s); trying the previous one", path, error)
+        if n_found:
+            raise CorruptCheckpointError(f"{self.out_dir}: no loadable checkpoint: " + "; ".join(problems))
+        return None
+
+    def _load_one(self, path: Path, model: nn.Module, optimizer, rank: int, world: int) -> dict:
+        manifest = read_manifest(path)
+        if optimizer is not None and not manifest.get("has_optimizer", True):
+            raise CheckpointMismatchError(
+                f"{path}: saved without optimizer state, cannot resume the optimizer"
+            )
+        _load_dcp(path, model, optimizer, no_dist=not _dist_on())
+        own = path / f"rank_{rank:05d}.pt"
+        if own.is_file():
+            payload = safe_torch_load(own)
+            set_rng_state(payload["rng"])
+        else:
+            # This rank did not exist when the checkpoint was written: take the shared loop state
+            # from rank 0 and seed this rank's RNG deterministically.
+            payload = safe_torch_load(path / "rank_00000.pt")
+            seed = self.seed if self.seed is not None else (manifest.get("seed") or 0)
+            logger.warning(
+                "rank %d: %s was saved by %d ranks; seeding this rank's RNG from (seed=%d, rank=%d)",
+                rank,
+                path,
+                manifest["world_size"],
+                seed,
+                rank,
+            )
+            seed_all(rank_seed(seed, rank))
+        if world < manifest["world_size"] and rank == 0:
+            logger.warning("%s was saved by %d ranks, resuming on %d", path, manifest["world_size"], world)
+        return payload["extra"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-only loading for the tools and --init_from
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_model_config(run_dir: Path) -> dict | None:
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    return cfg.get("model") if isinstance(cfg.get("model"), dict) else None
+
+
+def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(model, model_config)`` on CPU in eval mode, from a z2all run folder (its newest
+    loadable checkpoint), one checkpoint folder, or a Hugging Face Llama folder.
+
+    Process-local (no collectives): any subset of ranks may call it.
+    """
+    from z2all.model import Z2allConfig, Z2allForCausalLM  # ground floor; imported on use
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        candidates = [(0, path)]
+    else:
+        candidates = list_checkpoints(path, with_manifest=False)
+    if not candidates:
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        if (path / "config.json").is_file() and has_weights:
+            model = Z2allForCausalLM.from_pretrained(path)
+            return model.eval(), model.config
+        raise FileNotFoundError(
+            f"{path}: neither a z2all run folder (step_*/{MANIFEST}) nor a Hugging Face model folder "
+            "(config.json + *.safetensors)"
+        )
+    problems = []
+    for _, ckpt in candidates:
+        why = verify_checkpoint(ckpt)
+        if why is not None:
+            problems.append(why)
+            logger.warning("skipping checkpoint %s: %s", ckpt, why)
+            continue
+        cfg_dict, source = read_manifest(ckpt).get("model_config"), ckpt / MANIFEST
+        if cfg_dict is None:
+            cfg_dict, source = _run_model_config(ckpt.parent), ckpt.parent / "config.json"
+        if cfg_dict is None:
+            raise FileNotFoundError(
+                f"{ckpt}: no model config in {MANIFEST} nor under key 'model' of "
+                f"{ckpt.parent / 'config.json'}"
+            )
+        config = Z2allConfig.from_dict(cfg_dict, source=str(source))
+        model = Z2allForCausalLM(config)
+        try:
+            _load_dcp(ckpt, model, None, no_dist=True)
+        except (UnsafeCheckpointError, CheckpointMismatchError):
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt: fall back to the previous checkpoint
+            problems.append(f"{ckpt}: {e}")
+            logger.warning("checkpoint %s failed to load (%s); trying the previous one", ckpt, e)
+            continue
+        logger.info("loaded model from %s", ckpt)
+        return model.eval(), config
+    raise CorruptCheckpointError(f"{path}: no loadable checkpoint: " + "; ".join(problems))
