@@ -1,0 +1,89 @@
+"""CheckpointManager across ranks (gloo, 2 processes): collective save/load through DDP, exact
+resume per rank, and resume on a different world size in both directions."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tests.dist_utils import run_distributed
+from tests.training.test_checkpoint import make, train_step
+from z2all.training.checkpoint import CheckpointManager, safe_torch_load
+from z2all.training.rng_state import rank_seed, seed_all
+
+SEED = 5
+
+
+def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
+    # (1) Resume on 2 ranks from a checkpoint written by 1 process: rank 0 continues the saved RNG,
+    #     rank 1 (new) is seeded from (seed, rank).
+    model, opt = make(seed=50 + rank)
+    extra = CheckpointManager(single_dir, seed=SEED).load_latest(model, opt)
+    from_single = {
+        "extra_step": extra["step"],
+        "rng_after": torch.get_rng_state(),
+        "params": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+    # (2) Save through a DDP wrapper, continue, then resume into fresh objects: same losses.
+    model, opt = make(seed=0)
+    ddp = DDP(model)
+    seed_all(rank_seed(SEED, rank))
+    mgr = CheckpointManager(out_dir, keep=2, seed=SEED)
+    for _ in range(2):
+        train_step(ddp, opt)
+    mgr.save(2, ddp, opt, {"step": 2, "rank_note": rank})
+    expected = [train_step(ddp, opt) for _ in range(2)]
+
+    model2, opt2 = make(seed=100 + rank)
+    ddp2 = DDP(model2)
+    seed_all(12345)
+    extra2 = mgr.load_latest(ddp2, opt2)
+    params_at_2 = {k: v.clone() for k, v in model2.state_dict().items()}
+    got = [train_step(ddp2, opt2) for _ in range(2)]
+    return {
+        "from_single": from_single,
+        "expected": expected,
+        "got": got,
+        "extra": extra2,
+        "params_at_2": params_at_2,
+    }
+
+
+def test_two_ranks_save_resume_and_world_size_change(tmp_path):
+    single_dir, out_dir = tmp_path / "single", tmp_path / "two"
+    model, opt = make()
+    seed_all(rank_seed(SEED, 0))
+    train_step(model, opt)
+    single_path = CheckpointManager(single_dir, seed=SEED).save(1, model, opt, {"step": 1})
+    saved_params = {k: v.clone() for k, v in model.state_dict().items()}
+
+    res = run_distributed(_two_rank_run, 2, str(single_dir), str(out_dir))
+
+    # (1) 1 -> 2 ranks: replicated model state on both; rank 0's RNG continues the saved stream,
+    # rank 1's is the deterministic per-rank seed.
+    saved_rng = safe_torch_load(single_path / "rank_00000.pt")["rng"]["torch_cpu"]
+    seed_all(rank_seed(SEED, 1))
+    rank1_rng = torch.get_rng_state()
+    for r in range(2):
+        assert res[r]["from_single"]["extra_step"] == 1
+        for k, v in saved_params.items():
+            assert torch.equal(res[r]["from_single"]["params"][k], v), (r, k)
+    assert torch.equal(res[0]["from_single"]["rng_after"], saved_rng)
+    assert torch.equal(res[1]["from_single"]["rng_after"], rank1_rng)
+
+    # (2) exact per-rank resume; each rank kept its own RNG (different data, different losses).
+    for r in range(2):
+        assert res[r]["got"] == res[r]["expected"], r
+        assert res[r]["extra"] == {"step": 2, "rank_note": r}
+    assert res[0]["expected"] != res[1]["expected"]
+    manifest_files = sorted(p.name for p in (out_dir / "step_000002").iterdir())
+    assert manifest_files == ["manifest.json", "rank_00000.pt", "rank_00001.pt", "state"]
+
+    # (3) 2 -> 1 process: the model state written by two ranks loads whole into one process.
+    model1, opt1 = make(seed=77)
+    extra = CheckpointManager(out_dir, seed=SEED).load_latest(model1, opt1)
+    assert extra["step"] == 2
+    for k, v in model1.state_dict().items():
+        assert torch.equal(v, res[0]["params_at_2"][k]) and torch.equal(v, res[1]["params_at_2"][k]), k
+    assert len(opt1.state_dict()["state"]) == len(list(model1.parameters()))
