@@ -72,6 +72,8 @@ class BuildReport:
         )
         for line in self.bad_examples:
             log.warning("bad record %s", line)
+        if self.n_bad and not self.n_samples and not self.n_dropped:
+            log.warning("%s: every record is bad; is this file in the format you selected?", self.source)
         for line in self.dropped_examples:
             log.info("dropped %s", line)
 
@@ -111,19 +113,26 @@ def iter_json_records(path: str | os.PathLike, stats: ReadStats) -> Iterator[tup
             yield f"{path}:line {lineno}", record
 
 
+@dataclass
+class _ReportingStats(ReadStats):
+    """Reader stats that also enter each unparsable record into a :class:`BuildReport`, in file order."""
+
+    report: BuildReport | None = None
+
+    def add_bad(self, path: str | os.PathLike, where: str, kind: str, detail: str = "") -> None:
+        super().add_bad(path, where, kind, detail)
+        self.report.n_records += 1
+        self.report.add_bad(f"{path}:{where}", kind + (f" ({detail})" if detail else ""))
+
+
 def iter_parsed(
     path: str | os.PathLike, parse: Callable[[Any, str], T], report: BuildReport
 ) -> Iterator[tuple[T, str]]:
     """``(parse(record, where), where)`` for each good record; bad ones are counted in ``report``."""
-    stats = ReadStats(max_examples=MAX_EXAMPLES)
+    stats = _ReportingStats(report=report)
     for where, record in iter_json_records(path, stats):
         report.n_records += 1
         try:
             yield parse(record, where), where
         except ChatFormatError as e:
             report.add_bad(where, str(e).removeprefix(f"{where}: "))
-    # Records the reader rejected (unparsable) never reached ``parse``: fold them in.
-    report.n_records += stats.num_bad
-    report.n_bad += stats.num_bad
-    room = max(0, MAX_EXAMPLES - len(report.bad_examples))
-    report.bad_examples += stats.examples[:room]
