@@ -75,4 +75,19 @@ def reduce_scatter_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
     op = _prepare_average(buf, group, avg)
     bucket.record_comm_bytes(buf.numel() * buf.element_size())
     work = dist.reduce_scatter_single(shard, buf, op=op, group=group, async_op=True)
-    return work.get_future().then(lambda fut: buf)
+    return _future_of(work, buf)
+
+
+def _future_of(work: dist.Work, value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    """A Future that completes with ``value`` when ``work`` does.
+
+    gloo's reduce-scatter Work implements no Future; there we wait right away (correct, but that
+    collective then does not overlap with backward; NCCL's does).
+    """
+    try:
+        return work.get_future().then(lambda fut: value)
+    except RuntimeError:
+        work.wait()
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(value)
+        return fut

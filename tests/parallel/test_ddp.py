@@ -1,0 +1,136 @@
+"""Custom DDP vs torch.nn.parallel.DistributedDataParallel: gradients must match (fp32: <= 1e-6 relative).
+
+Also holds the tiny generic model and the side-by-side runner that test_ddp_features.py reuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from parallel import DistributedDataParallel, DistributedDataParallelConfig
+from tests.dist_utils import run_distributed
+
+
+class TinyNet(nn.Module):
+    """Transformer-ish residual MLP: embed -> blocks -> norm -> head (~1.3k parameters).
+
+    ``order`` is the order the blocks run in forward (a permutation of their registration order
+    makes gradients arrive out of registration order); ``unused`` adds a registered layer that
+    never takes part in forward.
+    """
+
+    def __init__(self, order=(0, 1, 2), unused: bool = False, d_in: int = 8, d: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(3))
+        self.unused = nn.Linear(d, d) if unused else None
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 4)
+        self.order = tuple(order)
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, d_in) -> (B, 4)
+        h = self.embed(x)
+        for i in self.order:
+            h = h + self.blocks[i](h)
+        return self.head(self.norm(h)) * self.scale
+
+
+def batches(rank: int, steps: int, accum: int, batch: int = 6, d_in: int = 8):
+    """Different data on every rank: a list (per step) of lists (per micro-step) of (x, y)."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    return [
+        [(torch.randn(batch, d_in, generator=g), torch.randn(batch, 4, generator=g)) for _ in range(accum)]
+        for _ in range(steps)
+    ]
+
+
+def run_pair(rank, cfg: DistributedDataParallelConfig, model_kwargs, steps=2, accum=1, find_unused=False):
+    """Train the same model with torch DDP and with ours (SGD); return per-step grad errors.
+
+    Returns a list over steps of ``max_p |g_ours - g_ref|_max / max(|g_ref|_max, 1e-12)``, comparing
+    ``param.grad`` after ``finish_grad_sync()`` with torch DDP's ``param.grad`` (None read as 0).
+    """
+    torch.manual_seed(0)
+    base = TinyNet(**model_kwargs)
+    ref_model = copy.deepcopy(base)
+    # A small bucket_cap_mb makes torch DDP use several buckets too (not needed for equality).
+    ref = nn.parallel.DistributedDataParallel(
+        ref_model, bucket_cap_mb=0.001, find_unused_parameters=find_unused
+    )
+    ours = DistributedDataParallel(cfg, base)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
+    errors = []
+    for micro in batches(rank, steps, accum):
+        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
+            opt.zero_grad(set_to_none=True)
+            for i, (x, y) in enumerate(micro):
+                ctx = model.no_sync() if i < accum - 1 else contextlib.nullcontext()
+                with ctx:
+                    loss = nn.functional.mse_loss(model(x), y) / accum
+                    loss.backward()
+        ours.finish_grad_sync()
+        err = 0.0
+        for (name, p), q in zip(base.named_parameters(), ref_model.parameters(), strict=True):
+            assert p.grad is not None, f"{name}: no .grad after finish_grad_sync"
+            g_ref = q.grad if q.grad is not None else torch.zeros_like(q)
+            scale = max(g_ref.abs().max().item(), 1e-12)
+            err = max(err, (p.grad.double() - g_ref.double()).abs().max().item() / scale)
+        errors.append(err)
+        opt_ref.step()
+        opt_ours.step()
+        ours.zero_grad_buffer()
+    # Parameters must also stay equal after the optimizer steps.
+    param_err = max((p - q).abs().max().item() for p, q in zip(base.parameters(), ref_model.parameters()))
+    return errors, param_err
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank functions (module level so spawned ranks can unpickle them).
+
+SMALL_BUCKETS = dict(bucket_size=300, first_bucket_size=100)  # -> 5 buckets for TinyNet
+
+
+def _equivalence_grid(rank, world_size):
+    """Every (overlap, accumulation) combination against torch DDP, several buckets."""
+    out = {}
+    for overlap in (False, True):
+        for accum in (1, 3):
+            cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, **SMALL_BUCKETS)
+            out[f"overlap={overlap},accum={accum}"] = run_pair(rank, cfg, {}, steps=2, accum=accum)
+    # One bucket for everything (bucket_size None, no small first bucket).
+    cfg = DistributedDataParallelConfig(bucket_size=None, first_bucket_size=None)
+    out["one bucket"] = run_pair(rank, cfg, {}, steps=2, accum=1)
+    return out
+
+
+def _unused_and_out_of_order(rank, world_size):
+    out = {}
+    for overlap in (False, True):
+        cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, **SMALL_BUCKETS)
+        out[f"unused,overlap={overlap}"] = run_pair(rank, cfg, {"unused": True}, steps=2, find_unused=True)
+        out[f"order=(2,0,1),overlap={overlap}"] = run_pair(rank, cfg, {"order": (2, 0, 1)}, steps=2)
+        out[f"both,accum=2,overlap={overlap}"] = run_pair(
+            rank, cfg, {"order": (1, 2, 0), "unused": True}, steps=2, accum=2, find_unused=True
+        )
+    return out
+
+
+def _check(results, tol=1e-6):
+    for rank_result in results:
+        for case, (grad_errors, param_err) in rank_result.items():
+            assert max(grad_errors) <= tol, f"{case}: grad relative error {grad_errors} > {tol}"
+            assert param_err <= tol, f"{case}: params diverged by {param_err}"
+
+
+def test_matches_torch_ddp_overlap_accumulation_buckets():
+    _check(run_distributed(_equivalence_grid, 2))
+
+
+def test_matches_torch_ddp_unused_param_and_out_of_order_grads():
+    _check(run_distributed(_unused_and_out_of_order, 2))
