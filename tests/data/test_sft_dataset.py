@@ -15,6 +15,16 @@ from z2all.data.sft_dataset import SFTDataset, sft_collate, split_indices
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
+@pytest.fixture
+def z2all_log(caplog):
+    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
+    logger = logging.getLogger("z2all")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="z2all")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def chatml(messages) -> str:
     """The ChatML text of a dialogue, written out by hand (the reference for decoded input_ids)."""
     return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
@@ -199,7 +209,7 @@ def test_alpaca_with_input_and_system(tiny_tokenizer, tmp_path):
 
 
 # --------------------------------------------------------------------------- bad records, truncation
-def test_bad_records_are_skipped_and_reported_with_line_numbers(tiny_tokenizer, tmp_path, caplog):
+def test_bad_records_are_skipped_and_reported_with_line_numbers(tiny_tokenizer, tmp_path, z2all_log):
     good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     lines = [
         json.dumps(good),  # line 1
@@ -214,8 +224,7 @@ def test_bad_records_are_skipped_and_reported_with_line_numbers(tiny_tokenizer, 
     ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="z2all"):
-        ds = SFTDataset(path, tiny_tokenizer, max_seq_len=64)
+    ds = SFTDataset(path, tiny_tokenizer, max_seq_len=64)
     assert len(ds) == 2
     report = ds.reports[0]
     assert report["n_records"] == 8 and report["n_bad"] == 6 and report["n_samples"] == 2
@@ -227,7 +236,7 @@ def test_bad_records_are_skipped_and_reported_with_line_numbers(tiny_tokenizer, 
         and "content of type int" in joined
         and "unknown 'from' 'bot'" in joined
     )
-    assert "bad.jsonl:line 3" in caplog.text and "6 bad records" in caplog.text
+    assert "bad.jsonl:line 3" in z2all_log.text and "6 bad records" in z2all_log.text
 
 
 def test_bad_alpaca_items_are_reported_with_item_index(tiny_tokenizer, tmp_path):
@@ -240,7 +249,7 @@ def test_bad_alpaca_items_are_reported_with_item_index(tiny_tokenizer, tmp_path)
     assert [e.split(": ")[0] for e in ds.reports[0]["bad_examples"]] == [f"{path}:item 1", f"{path}:item 2"]
 
 
-def test_truncation_keeps_trainable_tokens_or_drops_and_reports(tiny_tokenizer, tmp_path, caplog):
+def test_truncation_keeps_trainable_tokens_or_drops_and_reports(tiny_tokenizer, tmp_path, z2all_log):
     tok = tiny_tokenizer
     long_user = "word " * 80
     records = [
@@ -259,8 +268,7 @@ def test_truncation_keeps_trainable_tokens_or_drops_and_reports(tiny_tokenizer, 
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],  # fits
     ]
     L = 24
-    with caplog.at_level(logging.INFO, logger="z2all"):
-        ds = SFTDataset(write_jsonl(tmp_path / "t.jsonl", records), tok, max_seq_len=L)
+    ds = SFTDataset(write_jsonl(tmp_path / "t.jsonl", records), tok, max_seq_len=L)
     report = ds.reports[0]
     assert len(ds) == 2 and ds.n_dropped == 2 and report["n_truncated"] == 1
     assert report["dropped"] == {"replies_past_max_seq_len": 1, "no_assistant": 1}
@@ -268,7 +276,7 @@ def test_truncation_keeps_trainable_tokens_or_drops_and_reports(tiny_tokenizer, 
         f"{tmp_path}/t.jsonl:line 2: replies_past_max_seq_len",
         f"{tmp_path}/t.jsonl:line 3: no_assistant",
     ]
-    assert "dropped 2" in caplog.text
+    assert "dropped 2" in z2all_log.text
     full_ids, full_mask = render_chat(tok, records[0])
     ids, labels = ds[0]
     assert len(ids) == L and ids.tolist() == full_ids[:L]

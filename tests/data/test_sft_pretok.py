@@ -1,0 +1,187 @@
+"""Pretokenized SFT data: the CLI's files, pretokenized == on-the-fly items, idempotence, staleness,
+the cache_dir path, and refusal of incomplete sets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_preprocess.pretokenize_sft_data import main as pretokenize_main
+from z2all.data.sft_dataset import SFTDataset
+from z2all.data.sft_pretok import ids_dtype, sft_paths
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """The CLI calls ``setup_logging``, which replaces handlers and stops propagation: undo it after."""
+    names = ("z2all", "parallel", "optimizer", "data_preprocess", "__main__")
+    saved = {n: (lg.handlers[:], lg.level, lg.propagate) for n in names for lg in [logging.getLogger(n)]}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers, lg.level, lg.propagate = handlers, level, propagate
+
+
+@pytest.fixture
+def z2all_log(caplog):
+    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
+    logger = logging.getLogger("z2all")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="z2all")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def assert_same_items(a: SFTDataset, b: SFTDataset) -> None:
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        (x1, y1), (x2, y2) = a[i], b[i]
+        assert torch.equal(x1, x2) and torch.equal(y1, y2), i
+        assert x1.dtype == x2.dtype == torch.long
+
+
+def flags(data, tok_dir, save_dir, max_seq_len=96, *extra):
+    out = [f"--data_dir={data}", f"--tokenizer_dir={tok_dir}", f"--max_seq_len={max_seq_len}", *extra]
+    return out + ([f"--save_dir={save_dir}"] if save_dir else [])
+
+
+@pytest.mark.parametrize(
+    "name, sft_type",
+    [("chatterbot_messages.jsonl", "conversation"), ("chatterbot_instruction.json", "instruction")],
+)
+def test_pretokenized_items_equal_on_the_fly_items(tiny_tokenizer_dir, shared_data, tmp_path, name, sft_type):
+    source = shared_data / "sft" / name
+    # max_seq_len 96 truncates and drops some dialogues: both paths must agree on those too.
+    (summary,) = pretokenize_main(flags(source, tiny_tokenizer_dir, tmp_path, 96, f"--sft_type={sft_type}"))
+    assert summary["status"] == "built" and summary["n_samples"] > 2000
+    for split in ("train", "valid"):
+        kw = dict(sft_type=sft_type, split=split, valid_ratio=0.05, seed=1)
+        fly = SFTDataset(source, tiny_tokenizer_dir, 96, **kw)
+        pre = SFTDataset(source, tiny_tokenizer_dir, 96, cache_dir=tmp_path, **kw)
+        assert fly.origins == ["tokenized"] and pre.origins == ["pretokenized"]
+        assert isinstance(pre.shards[0].ids, np.memmap)  # O(item) memory per read
+        assert pre.reports == fly.reports
+        assert_same_items(fly, pre)
+
+
+def test_sidecar_and_files(tiny_tokenizer, tiny_tokenizer_dir, shared_data, tmp_path):
+    source = shared_data / "sft" / "chatterbot_belle.jsonl"
+    pretokenize_main(flags(source, tiny_tokenizer_dir, tmp_path, 4096))
+    paths = sft_paths(source, tmp_path)
+    side = json.loads(paths["sidecar"].read_text())
+    st = os.stat(source)
+    assert side["key"] == {
+        "format_version": 1,
+        "tokenizer_fingerprint": tiny_tokenizer.fingerprint(),
+        "source_size": st.st_size,
+        "source_mtime_ns": st.st_mtime_ns,
+        "max_seq_len": 4096,
+        "sft_type": "conversation",
+    }
+    ids = np.fromfile(paths["bin"], dtype=np.uint16)
+    mask = np.fromfile(paths["mask"], dtype=np.uint8)
+    offsets = np.fromfile(paths["idx"], dtype=np.int64)
+    assert side["n_samples"] == len(offsets) - 1 == 2493 and side["report"]["n_bad"] == 0
+    assert side["n_tokens"] == len(ids) == len(mask) == offsets[-1] and offsets[0] == 0
+    assert side["n_trainable_tokens"] == int(mask.sum()) and set(np.unique(mask).tolist()) == {0, 1}
+    # Sample 0, read straight from the files, is "<|im_start|>user\n...": the human turn, then the reply.
+    first = ids[offsets[0] : offsets[1]].tolist()
+    with open(source, encoding="utf-8") as f:
+        conv = json.loads(f.readline())["conversations"]
+    assert tiny_tokenizer.decode(first) == (
+        f"<|im_start|>user\n{conv[0]['value']}<|im_end|>\n<|im_start|>assistant\n{conv[1]['value']}<|im_end|>\n"
+    )
+    assert (
+        tiny_tokenizer.decode([t for t, m in zip(first, mask[: len(first)]) if m])
+        == conv[1]["value"] + "<|im_end|>"
+    )
+    assert ids_dtype(65536) == np.uint16 and ids_dtype(65537) == np.uint32
+
+
+def small_source(tmp_path, n=12):
+    records = [
+        [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(n)
+    ]
+    path = tmp_path / "data" / "small.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_idempotent_and_rebuilt_when_the_source_changes(tiny_tokenizer_dir, tmp_path):
+    source = small_source(tmp_path)
+    # Default save_dir: beside the source, where SFTDataset finds it without cache_dir.
+    assert [s["status"] for s in pretokenize_main(flags(source.parent, tiny_tokenizer_dir, None, 64))] == [
+        "built"
+    ]
+    paths = sft_paths(source)
+    stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    assert [s["status"] for s in pretokenize_main(flags(source.parent, tiny_tokenizer_dir, None, 64))] == [
+        "up_to_date"
+    ]
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamps  # nothing rewritten
+    ds = SFTDataset(source.parent, tiny_tokenizer_dir, 64)
+    assert ds.origins == ["pretokenized"] and len(ds) == 12
+    # The folder listing skips the sidecars: only small.jsonl is a source.
+    assert [p.name for p in ds.sources] == ["small.jsonl"]
+
+    # Another max_seq_len: the stored set is stale for that dataset, which tokenizes instead.
+    assert SFTDataset(source, tiny_tokenizer_dir, 32).origins == ["tokenized"]
+    # The source grows: stale again, and the tool rebuilds it.
+    with open(source, "a", encoding="utf-8") as f:
+        f.write(
+            json.dumps([{"role": "user", "content": "new"}, {"role": "assistant", "content": "one"}]) + "\n"
+        )
+    assert SFTDataset(source, tiny_tokenizer_dir, 64).origins == ["tokenized"]
+    assert [s["status"] for s in pretokenize_main(flags(source, tiny_tokenizer_dir, None, 64))] == ["built"]
+    ds = SFTDataset(source, tiny_tokenizer_dir, 64)
+    assert ds.origins == ["pretokenized"] and len(ds) == 13
+    assert [
+        s["status"] for s in pretokenize_main(flags(source, tiny_tokenizer_dir, None, 64, "--force=true"))
+    ] == ["built"]
+
+
+def test_cache_dir_is_written_then_reused(tiny_tokenizer_dir, tmp_path):
+    source = small_source(tmp_path)
+    cache = tmp_path / "cache"
+    first = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
+    assert first.origins == ["tokenized"] and sft_paths(source, cache)["sidecar"].is_file()
+    second = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
+    assert second.origins == ["pretokenized"]
+    assert_same_items(first, second)
+
+
+def test_incomplete_or_corrupt_sets_are_not_used(tiny_tokenizer_dir, tmp_path, z2all_log):
+    source = small_source(tmp_path)
+    cache = tmp_path / "cache"
+    reference = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
+    paths = sft_paths(source, cache)
+    # A bin file cut short (e.g. a copy interrupted): sizes disagree with the sidecar -> rebuilt.
+    paths["bin"].write_bytes(paths["bin"].read_bytes()[:-2])
+    ds = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
+    assert ds.origins == ["tokenized"] and "sidecar says" in z2all_log.text
+    assert_same_items(reference, ds)
+    assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["pretokenized"]
+    # No sidecar (the commit point) -> the arrays alone are never trusted.
+    paths["sidecar"].unlink()
+    assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["tokenized"]
+    paths["sidecar"].write_text("{not json")
+    assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["tokenized"]
+
+
+def test_cli_rejects_bad_flags(tiny_tokenizer_dir, tmp_path):
+    source = small_source(tmp_path)
+    with pytest.raises(ValueError, match="--sft_type"):
+        pretokenize_main(flags(source, tiny_tokenizer_dir, tmp_path, 64, "--sft_type=chat"))
+    with pytest.raises(FileNotFoundError, match="--data_dir"):
+        pretokenize_main(flags(tmp_path / "nope", tiny_tokenizer_dir, tmp_path, 64))
+    with pytest.raises(FileNotFoundError, match="--tokenizer_dir"):
+        pretokenize_main(flags(source, tmp_path / "nope", tmp_path, 64))
+    with pytest.raises(SystemExit):
+        pretokenize_main([f"--data_dir={source}", "--max_seq_len=8", "--unknown_flag=1"])
