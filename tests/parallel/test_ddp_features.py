@@ -13,7 +13,7 @@ from torch import nn
 
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
 from tests.dist_utils import run_distributed
-from tests.parallel.test_ddp import SMALL_BUCKETS, TinyNet, batches
+from tests.parallel.test_ddp import SMALL_BUCKETS, TinyNet, batches, run_scenarios, scenario
 
 
 def _step(model, x, y, scale=1.0):
@@ -77,8 +77,14 @@ def _wrapper_behaviour(rank, world_size):
     return out
 
 
-def test_wrapper_broadcast_state_dict_overlap_comm_bytes_and_misuse():
-    r0, r1 = run_distributed(_wrapper_behaviour, 2)
+@pytest.fixture(scope="module")
+def results():
+    names = ["_wrapper_behaviour", "_bf16_fp32_reduce", "_nan_report", "_reduce_scatter_shards"]
+    return run_distributed(run_scenarios, 2, __name__, names)
+
+
+def test_wrapper_broadcast_state_dict_overlap_comm_bytes_and_misuse(results):
+    r0, r1 = scenario(results, "_wrapper_behaviour")
     assert torch.equal(r0["params"], r1["params"]), "parameters not broadcast from rank 0"
     assert torch.equal(r0["scale"], r1["scale"]) and r1["scale"].item() == 1.0, "buffers not broadcast"
     for r in (r0, r1):
@@ -127,8 +133,8 @@ def _bf16_fp32_reduce(rank, world_size):
     return dtypes_ok, exact_err, loose_err
 
 
-def test_grad_reduce_in_fp32_with_bf16_params():
-    for dtypes_ok, exact_err, loose_err in run_distributed(_bf16_fp32_reduce, 2):
+def test_grad_reduce_in_fp32_with_bf16_params(results):
+    for dtypes_ok, exact_err, loose_err in scenario(results, "_bf16_fp32_reduce"):
         assert dtypes_ok
         # Summing bf16 micro-grads and 2 ranks in fp32 is exact up to fp32 rounding of the sum.
         assert exact_err <= 1e-6, exact_err
@@ -156,8 +162,8 @@ def _nan_report(rank, world_size):
     return msg, all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
-def test_nan_gradient_names_rank_and_parameter():
-    (msg0, ok0), (msg1, ok1) = run_distributed(_nan_report, 2)
+def test_nan_gradient_names_rank_and_parameter(results):
+    (msg0, ok0), (msg1, ok1) = scenario(results, "_nan_report")
     assert "rank 1" in msg1 and "before reduction" in msg1 and "head.bias" in msg1, msg1
     assert "after reduction" in msg0 and "head.bias" in msg0 and "another rank" in msg0, msg0
     assert ok0 and ok1
@@ -192,10 +198,9 @@ def _reduce_scatter_shards(rank, world_size):
     )
 
 
-@pytest.mark.parametrize("world_size", [2])
-def test_reduce_scatter_leaves_averaged_shard_on_each_rank(world_size):
-    results = run_distributed(_reduce_scatter_shards, world_size)
-    for err, checked, total, grads_unset in results:
+def test_reduce_scatter_leaves_averaged_shard_on_each_rank(results):
+    world_size = 2
+    for err, checked, total, grads_unset in scenario(results, "_reduce_scatter_shards"):
         assert err <= 1e-6, err
         assert checked * world_size == total
         assert grads_unset
