@@ -17,9 +17,10 @@ Per optimizer step the loop does::
 
 ``comm_bytes`` counts the payload of gradient collectives (the bytes of the tensors all-reduced, per
 rank), not the wire traffic of the ring algorithm (about 2(W-1)/W times that).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: torch DDP checks a comm hook's return annotation
+at runtime and needs the real ``torch.futures.Future[torch.Tensor]`` object, not a string.
+"""
 
 import contextlib
 import logging
@@ -41,7 +42,7 @@ class _ByteCounter:
         self.bytes = 0
 
 
-def _counting_allreduce_hook(state: _ByteCounter, bucket) -> torch.futures.Future:
+def _counting_allreduce_hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
     """Plain averaging all-reduce of the bucket (what torch DDP does by default), counted."""
     buf = bucket.buffer()
     state.bytes += buf.numel() * buf.element_size()
@@ -57,14 +58,14 @@ def _counting_compress_hook(dtype: torch.dtype):
 
     inner = default_hooks.fp16_compress_hook if dtype == torch.float16 else default_hooks.bf16_compress_hook
 
-    def hook(state: _ByteCounter, bucket) -> torch.futures.Future:
+    def hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
         state.bytes += bucket.buffer().numel() * torch.tensor([], dtype=dtype).element_size()
         return inner(state.process_group, bucket)
 
     return hook
 
 
-def _counting_powersgd_hook(state: _ByteCounter, bucket) -> torch.futures.Future:
+def _counting_powersgd_hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
     """torch's PowerSGD hook; bytes read from its own compression statistics (P, Q and uncompressed)."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
@@ -139,21 +140,31 @@ class DataParallelModel:
             bucket_size=cfg.bucket_size,
         )
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
-        if cfg.comm_hook != "allreduce":
+        if cfg.comm_hook == "powersgd":
+            from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
+
+            ps_cfg = PowerSGDConfig(
+                matrix_approximation_rank=cfg.powersgd_rank,
+                start_powerSGD_iter=cfg.powersgd_start_iter,
+                random_seed=cfg.seed,
+            )
+            self.wrapped.register_comm_hook(PowerSGDState(None, ps_cfg), powerSGD_hook)
+            if start_step > 0:
+                log.warning(
+                    "PowerSGD state (error feedback, warm-start Q) is not checkpointed: the resumed "
+                    "run restarts it; losses are close to, not identical with, an uninterrupted run"
+                )
+        elif cfg.comm_hook in ("fp16", "bf16"):
             from parallel import ddp_comm_hooks as hooks
 
-            if cfg.comm_hook == "powersgd":
-                state = hooks.PowerSGDState(
-                    process_group=None,
-                    matrix_approximation_rank=cfg.powersgd_rank,
-                    start_powerSGD_iter=cfg.powersgd_start_iter,
-                    random_seed=cfg.seed,
+            name = f"{cfg.comm_hook}_compress_hook"
+            hook = getattr(hooks, name, None)
+            if hook is None:
+                raise NotImplementedError(
+                    f"--comm_hook={cfg.comm_hook} with --ddp_impl=z2all needs "
+                    f"parallel.ddp_comm_hooks.{name}, which this version lacks"
                 )
-                state.iter = start_step
-                self.wrapped.register_comm_hook(state, hooks.powerSGD_hook)
-            else:
-                hook = hooks.fp16_compress_hook if cfg.comm_hook == "fp16" else hooks.bf16_compress_hook
-                self.wrapped.register_comm_hook(None, hook)
+            self.wrapped.register_comm_hook(None, hook)
 
     # ---- the per-step protocol ----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -173,8 +184,7 @@ class DataParallelModel:
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         if self.impl == "z2all":
-            self.wrapped.zero_grad_buffer()
-            optimizer.zero_grad(set_to_none=False)
+            self.wrapped.zero_grad_buffer()  # zeroes the grad buffer and drops every param.grad
         else:
             optimizer.zero_grad(set_to_none=True)
 
@@ -185,11 +195,7 @@ class DataParallelModel:
             return n
         if self.impl == "z2all":
             n = int(self.wrapped.comm_bytes)
-            reset = getattr(self.wrapped, "reset_comm_bytes", None)
-            if reset is not None:
-                reset()
-            else:
-                self.wrapped.comm_bytes = 0
+            self.wrapped.reset_comm_stats()
             return n
         return 0
 
