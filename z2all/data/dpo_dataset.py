@@ -13,7 +13,8 @@ Truncation to ``max_seq_len`` (L) keeps both sides on the same prompt, as the DP
 the prompt keeps its last ``min(P, max(L - R, L // 2))`` tokens (R = the longer response), i.e. it
 gives up its start first but keeps at least half the window if it needs it; then each response is
 cut to the room left, ``>= L - L // 2 >= 1`` tokens. So no side ever lacks a labelled token. A pair
-whose two responses are identical after this (no preference left to learn) is dropped and counted.
+whose two responses are identical (``identical_responses``) or become so when cut
+(``identical_after_truncation``) has no preference to learn: it is dropped, counted and named.
 """
 
 from __future__ import annotations
@@ -109,11 +110,12 @@ class DPODataset(Dataset):
         for k, ((prompt, _), (_, where)) in enumerate(zip(prompts, chunk)):
             chosen = [*responses[2 * k], tok.im_end_id]
             rejected = [*responses[2 * k + 1], tok.im_end_id]
+            if chosen == rejected:
+                report.add_dropped(where, "identical_responses")
+                continue
             prompt, chosen, rejected, truncated = truncate_pair(prompt, chosen, rejected, self.max_seq_len)
             if chosen == rejected:
-                report.add_dropped(
-                    where, "identical_after_truncation" if truncated else "identical_responses"
-                )
+                report.add_dropped(where, "identical_after_truncation")
                 continue
             report.n_truncated += truncated
             report.n_samples += 1
