@@ -2,9 +2,9 @@
 
 One optimizer step ``s`` (0-based; ``step`` in metrics.jsonl is ``s + 1``, the count of completed
 steps) consumes the G = ``gradient_accumulation_steps`` global micro-batches ``s*G .. s*G+G-1``;
-rank ``r`` of ``W`` runs the ones with ``j % W == r`` (G/W each). Which samples a micro-batch holds is
-a pure function of (seed, j) (:class:`_MicroBatchPlan`), so the data position is just the step: a
-resumed run and a run on another world size see the same samples at the same step.
+rank ``r`` of ``W`` runs the ones with ``j % W == r`` (G/W each). Which samples a micro-batch holds
+is a pure function of (seed, j) (:class:`z2all.data.sampler.GlobalBatchSampler`), so the data
+position is just the step: a resumed run and a run on another world size see the same samples.
 
 Loss normalisation (why 1 rank == W ranks): micro-batch ``j`` has loss ``l_j`` (mean over its own
 trainable tokens or pairs, see tasks.py). Each rank back-propagates ``l_j / (G/W)``; data parallelism
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from z2all.data.sampler import GlobalBatchSampler
 from z2all.training.config import TrainConfig
 from z2all.training.lr_schedule import CosineSchedule, set_lr
 from z2all.training.metrics import MetricsWriter, console_line, write_run_info
@@ -74,35 +75,6 @@ class TrainResult:
     """The records this process produced (same on every rank: all values are all-reduced)."""
 
 
-class _MicroBatchPlan:
-    """Sample indices of global micro-batch ``j``: positions ``j*B .. j*B+B-1`` of an endless stream
-    made of per-epoch permutations, epoch ``e`` shuffled with seed ``seed + e`` (a pure function)."""
-
-    def __init__(self, n_samples: int, batch_size: int, seed: int, shuffle: bool = True):
-        if n_samples <= 0:
-            raise ValueError("dataset is empty")
-        self.n, self.batch_size, self.seed, self.shuffle = n_samples, batch_size, seed, shuffle
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._orders:
-            if len(self._orders) > 2:
-                self._orders.clear()
-            if self.shuffle:
-                gen = torch.Generator().manual_seed(self.seed + epoch)
-                self._orders[epoch] = torch.randperm(self.n, generator=gen)
-            else:
-                self._orders[epoch] = torch.arange(self.n)
-        return self._orders[epoch]
-
-    def indices(self, j: int) -> list[int]:
-        out = []
-        for k in range(j * self.batch_size, (j + 1) * self.batch_size):
-            epoch, pos = divmod(k, self.n)
-            out.append(int(self._order(epoch)[pos]))
-        return out
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -118,10 +90,15 @@ class _Trainer:
         self.cfg, self.comp, self.device, self.rank, self.world = cfg, comp, device, rank, world
         self.task = comp.task
         self.schedule = CosineSchedule(cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-        self.train_plan = _MicroBatchPlan(len(comp.train_data), cfg.train_batch_size, cfg.seed)
-        self.val_plan = (
-            _MicroBatchPlan(len(comp.val_data), cfg.train_batch_size, cfg.seed, shuffle=False)
-            if comp.val_data is not None and len(comp.val_data) > 0
+        self.sampler = GlobalBatchSampler(
+            len(comp.train_data), cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.seed, rank, world
+        )
+        # Evaluation reads the held-out split in its natural order: micro-batches 0..eval_iters-1
+        # (wrapping around), dealt round-robin to ranks, so val_loss is the same for every W.
+        n_val = len(comp.val_data) if comp.val_data is not None else 0
+        self.val_sampler = (
+            GlobalBatchSampler(n_val, min(cfg.train_batch_size, n_val), 1, cfg.seed, shuffle=False)
+            if n_val
             else None
         )
         amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
@@ -135,22 +112,16 @@ class _Trainer:
         self.params = [p for p in comp.model.parameters() if p.requires_grad]
 
     # ---- one step -----------------------------------------------------------------------------------
-    def micro_ids(self, step: int) -> list[int]:
-        g = self.cfg.gradient_accumulation_steps
-        return [j for j in range(step * g, (step + 1) * g) if j % self.world == self.rank]
-
     def train_step(self, dp: DataParallelModel, step: int) -> dict[str, Any]:
         cfg, task = self.cfg, self.task
         lr = self.schedule.lr_at(step)
         set_lr(self.comp.optimizer, lr)
-        ids = self.micro_ids(step)
+        ids = self.sampler.step_indices(step)  # this rank's G/W micro-batches of sample indices
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         stat_sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
-        for i, j in enumerate(ids):
-            batch = _to_device(
-                task.collate([self.comp.train_data[k] for k in self.train_plan.indices(j)]), self.device
-            )
+        for i, samples in enumerate(ids):
+            batch = _to_device(task.collate([self.comp.train_data[k] for k in samples]), self.device)
             last = i == len(ids) - 1
             # Forward AND backward of every micro-step but the last run without gradient sync.
             with contextlib.nullcontext() if last else dp.no_sync():
@@ -196,7 +167,7 @@ class _Trainer:
 
         Runs under fork_rng so the training RNG streams continue as if no evaluation happened.
         """
-        if self.val_plan is None:
+        if self.val_sampler is None:
             return None
         was_training = model.training
         model.eval()
@@ -204,9 +175,8 @@ class _Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             for j in range(self.rank, self.cfg.eval_iters, self.world):
-                batch = _to_device(
-                    self.task.collate([self.comp.val_data[k] for k in self.val_plan.indices(j)]), self.device
-                )
+                samples = self.val_sampler.global_micro_batch(j)
+                batch = _to_device(self.task.collate([self.comp.val_data[k] for k in samples]), self.device)
                 with self.autocast:
                     total += self.task.micro_loss(model, batch, self.comp.ref_model).loss.double()
         model.train(was_training)
