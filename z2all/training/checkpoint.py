@@ -569,6 +569,25 @@ def _run_model_config(run_dir: Path) -> dict | None:
     return cfg.get("model") if isinstance(cfg.get("model"), dict) else None
 
 
+def find_tokenizer_dir(path: str | os.PathLike) -> Path | None:
+    """The tokenizer of a run folder (``tokenizer_dir`` in its config.json) or of a Hugging Face
+    folder that carries its own tokenizer files; None when there is none."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():  # one checkpoint folder: the run is its parent
+        path = path.parent
+    cfg_path = path / "config.json"
+    if cfg_path.is_file():
+        try:
+            tok_dir = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_dir")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{cfg_path}: not a JSON object ({e})") from e
+        if tok_dir:
+            return Path(tok_dir)
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+        return path
+    return None
+
+
 def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """``(model, model_config)`` on CPU in eval mode, from a z2all run folder (its newest
     loadable checkpoint), one checkpoint folder, or a Hugging Face Llama folder.

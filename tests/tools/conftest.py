@@ -1,0 +1,64 @@
+"""A tiny z2all run folder for the tool tests: trained tokenizer, real model, one checkpoint.
+
+``tiny_run`` is built once per session: ``config.json`` (with ``tokenizer_dir``), a checkpoint of a
+``z2all.model`` tiny-preset model (tied embeddings, vocab padded to 64) after two AdamW steps, and
+a ``metrics.jsonl``. Tests must not modify it (copy it first).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.data.conftest import tiny_tokenizer_dir  # noqa: F401  (session fixture reused here)
+from z2all.model import Z2allForCausalLM, get_preset
+from z2all.tokenizer import Z2allTokenizer
+from z2all.training.checkpoint import CheckpointManager
+
+
+@dataclass
+class TinyRun:
+    run_dir: Path
+    tokenizer_dir: Path
+    model: Z2allForCausalLM  # the weights saved in the newest checkpoint, eval mode
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_tokenizer_dir) -> TinyRun:  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    tok = Z2allTokenizer.from_pretrained(tiny_tokenizer_dir)
+    vocab = (tok.vocab_size + 63) // 64 * 64
+    torch.manual_seed(0)
+    model = Z2allForCausalLM(get_preset("tiny", vocab_size=vocab, tie_word_embeddings=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, tok.vocab_size, (2, 16))
+    for _ in range(2):  # move the weights away from their init so a wrong load shows
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {"task_type": "pretrain", "tokenizer_dir": str(tiny_tokenizer_dir), "model_config": "tiny"}
+        )
+    )
+    CheckpointManager(run_dir).save(2, model, opt, {"step": 2, "tokens": 64})
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in (1, 2):
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 7.0 - step,
+                        "lr": 1e-2,
+                        "grad_norm": 1.5,
+                        "tokens": 32 * step,
+                        "tokens_per_s": 1000.0,
+                    }
+                )
+                + "\n"
+            )
+    return TinyRun(run_dir, Path(tiny_tokenizer_dir), model.eval())

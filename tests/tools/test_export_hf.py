@@ -1,0 +1,65 @@
+"""export_hf: the exported folder loads with transformers' Auto classes and gives the same logits;
+load_model_from_dir reads run folders, single checkpoints and Hugging Face folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from z2all.export_hf import export_hf, main
+from z2all.tokenizer import Z2allTokenizer
+from z2all.training.checkpoint import load_model_from_dir
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "床前明月光，疑是地上霜。 def f(x): return x"]
+
+
+def test_load_model_from_run_dir_is_exact(tiny_run):
+    model, cfg = load_model_from_dir(tiny_run.run_dir)
+    assert cfg == tiny_run.model.config and not model.training
+    expected = tiny_run.model.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    one_ckpt, _ = load_model_from_dir(tiny_run.run_dir / "step_000002")
+    assert torch.equal(one_ckpt.lm_head.weight, tiny_run.model.lm_head.weight)
+
+
+def test_export_loads_in_transformers_with_equal_logits(tiny_run, tmp_path):
+    save_dir = main(["--out_dir", str(tiny_run.run_dir), "--save_dir", str(tmp_path / "hf")])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in save_dir.iterdir()
+    }
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(save_dir, torch_dtype=torch.float32).eval()
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(save_dir)
+    tok = Z2allTokenizer.from_pretrained(tiny_run.tokenizer_dir)
+    for text in TEXTS:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+
+    ids = torch.tensor([tok.encode(TEXTS[0])[:24], tok.encode(TEXTS[1])[:24]])  # (2, 24)
+    with torch.no_grad():
+        ref = tiny_run.model(ids).logits
+        got = hf_model(ids).logits
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+    # ... and the exported folder is itself a valid --init_from / --out_dir for z2all.
+    back, _ = load_model_from_dir(save_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=1e-6)
+
+
+def test_export_bf16_and_errors(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = export_hf(tiny_run.run_dir, tmp_path / "bf16", dtype="bfloat16")
+    tensors = load_file(str(out / "model.safetensors"))
+    expected = tiny_run.model.state_dict()
+    assert "lm_head.weight" not in tensors  # tied: transformers re-ties it from the embedding
+    for k, v in tensors.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, expected[k].to(torch.bfloat16)), k
+    with pytest.raises(ValueError, match="--dtype"):
+        export_hf(tiny_run.run_dir, tmp_path / "x", dtype="float8")
+    with pytest.raises(FileNotFoundError, match="neither a z2all run folder"):
+        load_model_from_dir(tmp_path / "empty")
