@@ -72,3 +72,38 @@ def tiny_sp_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir) -> Z2allTokenizer:
     return Z2allTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+# ----------------------------------------------------------------------------- small pretokenized corpora
+SMALL_CORPUS = {
+    "a.jsonl": [json.dumps({"text": t}, ensure_ascii=False) for t in BUILTIN_TEXTS * 3] + ["{bad json"],
+    "b.txt": ["\n\n".join(BUILTIN_TEXTS[::-1] * 2)],
+    "sub/c.jsonl": [json.dumps({"content": t * 4}, ensure_ascii=False) for t in BUILTIN_TEXTS],
+    "d.jsonl": [json.dumps({"text": "tiny"})],  # fewer tokens than one window
+}
+
+
+def write_small_corpus(data_dir: Path) -> Path:
+    """A folder of small corpus files (with one bad record) for the pretokenize/index/dataset tests."""
+    for name, lines in SMALL_CORPUS.items():
+        p = data_dir / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("\n".join(lines) + "\n", "utf-8")
+    return data_dir
+
+
+def pretokenize_small_corpus(root: Path, tokenizer_dir: Path, max_seq_len: int | None = None) -> Path:
+    """Write the small corpus under ``root/data``, pretokenize to ``root/bin``, index it for max_seq_len."""
+    from data_preprocess.build_pretrain_sample_index_map import IndexConfig, build_all
+    from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
+
+    data = write_small_corpus(root / "data")
+    out = root / "bin"
+    pretokenize(
+        PretokenizeConfig(
+            data_dir=str(data), tokenizer_dir=str(tokenizer_dir), save_dir=str(out), num_workers=1
+        )
+    )
+    if max_seq_len:
+        build_all(IndexConfig(data_dir=str(out), max_seq_len=max_seq_len))
+    return out

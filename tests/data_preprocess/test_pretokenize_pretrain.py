@@ -1,0 +1,187 @@
+"""pretokenize_pretrain_data: exact token streams, sidecars, worker order, atomic and idempotent writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import data_preprocess.pretok_pretrain as pp
+from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
+from tests.data.conftest import write_small_corpus
+from z2all.data.pretrain_dataset import PretokFormatError, read_sidecar, token_dtype
+from z2all.data.readers import ReadStats, iter_documents, list_data_files
+
+
+def _expected_stream(src, tok) -> np.ndarray:
+    """Independent reference: encode each good document on its own and append EOS."""
+    ids: list[int] = []
+    for doc in iter_documents(src):
+        ids += tok.encode(doc) + [tok.eos_id]
+    return np.array(ids, dtype=np.int64)
+
+
+def _cfg(data, tok_dir, out, **kw) -> PretokenizeConfig:
+    return PretokenizeConfig(data_dir=str(data), tokenizer_dir=str(tok_dir), save_dir=str(out), **kw)
+
+
+def test_bin_holds_each_document_then_eos_and_sidecar_describes_it(
+    tmp_path, tiny_tokenizer_dir, tiny_tokenizer
+):
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    results = pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1, chunk_chars=100))
+    assert [r.bin_path.relative_to(out).as_posix() for r in results] == [
+        "a.bin", "b.bin", "d.bin", "sub/c.bin"
+    ]  # fmt: skip
+    for src, r in zip(list_data_files(data), results):
+        tokens = np.fromfile(r.bin_path, dtype=np.uint16).astype(np.int64)
+        np.testing.assert_array_equal(tokens, _expected_stream(src, tiny_tokenizer))
+        meta = read_sidecar(r.bin_path)
+        stats = ReadStats()
+        docs = list(iter_documents(src, stats=stats))
+        assert meta["dtype"] == "<u2" and meta["vocab_size"] == tiny_tokenizer.vocab_size
+        assert meta["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint()
+        assert meta["num_tokens"] == len(tokens) and meta["num_documents"] == len(docs)
+        assert meta["bin_bytes"] == os.path.getsize(r.bin_path)
+        assert meta["source"]["size"] == os.path.getsize(src)
+        assert meta["source"]["mtime_ns"] == os.stat(src).st_mtime_ns
+        assert meta["bad_records"] == stats.to_dict()
+    assert read_sidecar(out / "a.bin")["bad_records"]["bad"] == {"invalid_json": 1}
+    # documents decode back exactly: split at EOS
+    tokens = np.fromfile(out / "a.bin", dtype=np.uint16).tolist()
+    eos = tiny_tokenizer.eos_id
+    decoded, cur = [], []
+    for t in tokens:
+        if t == eos:
+            decoded.append(tiny_tokenizer.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert decoded == list(iter_documents(data / "a.jsonl"))
+
+
+def test_two_workers_and_many_chunks_give_identical_bytes(tmp_path, tiny_tokenizer_dir):
+    data = write_small_corpus(tmp_path / "data")
+    one = pretokenize(_cfg(data, tiny_tokenizer_dir, tmp_path / "one", num_workers=1))
+    two = pretokenize(_cfg(data, tiny_tokenizer_dir, tmp_path / "two", num_workers=2, chunk_chars=64))
+    for a, b in zip(one, two):
+        assert a.bin_path.read_bytes() == b.bin_path.read_bytes()
+        assert a.num_documents == b.num_documents
+
+
+def test_sp_tokenizer_and_dtype_choice(tmp_path, tiny_sp_tokenizer_dir):
+    data = write_small_corpus(tmp_path / "data")
+    results = pretokenize(_cfg(data, tiny_sp_tokenizer_dir, tmp_path / "out", num_workers=1))
+    assert read_sidecar(results[0].bin_path)["tokenizer_type"] == "sp_bbpe"
+    assert token_dtype(65536) == np.dtype("<u2") and token_dtype(65537) == np.dtype("<u4")
+
+
+def test_rerun_skips_up_to_date_and_redoes_changed_files(tmp_path, tiny_tokenizer_dir, tiny_sp_tokenizer_dir):
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = _cfg(data, tiny_tokenizer_dir, out, num_workers=1)
+    pretokenize(cfg)
+    ids = {p.name: read_sidecar(p)["bin_id"] for p in out.rglob("*.bin")}
+    assert all(r.skipped for r in pretokenize(cfg))
+    assert {p.name: read_sidecar(p)["bin_id"] for p in out.rglob("*.bin")} == ids
+
+    with open(data / "a.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    redone = {r.bin_path.name for r in pretokenize(cfg) if not r.skipped}
+    assert redone == {"a.bin"}
+    assert read_sidecar(out / "a.bin")["bin_id"] != ids["a.bin"]
+
+    sp_cfg = _cfg(data, tiny_sp_tokenizer_dir, out, num_workers=1)
+    assert not any(r.skipped for r in pretokenize(sp_cfg))  # another tokenizer: everything is stale
+    assert all(r.skipped for r in pretokenize(sp_cfg))
+    assert not any(
+        r.skipped for r in pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1, force=True))
+    )
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = _cfg(data, tiny_tokenizer_dir, out, num_workers=1, chunk_chars=50)
+    real_write = pp._BinWriter.write
+    calls = {"n": 0}
+
+    def crash_in_second_file(self, arr, n):
+        if self.bin_path.name == "b.bin":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("simulated kill while writing b.bin")
+        real_write(self, arr, n)
+
+    monkeypatch.setattr(pp._BinWriter, "write", crash_in_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize(cfg)
+    assert read_sidecar(out / "a.bin")["num_documents"] == 21  # finished before the crash
+    assert not (out / "b.bin").exists() and not (out / "b.bin.json").exists()
+    assert not [p for p in out.rglob(".*tmp*")], "temp files left behind"
+    monkeypatch.setattr(pp._BinWriter, "write", real_write)
+    assert [r.skipped for r in pretokenize(cfg)] == [True, False, False, False]
+
+
+def test_crash_between_bin_and_sidecar_never_pairs_new_bin_with_old_sidecar(
+    tmp_path, tiny_tokenizer_dir, monkeypatch
+):
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = _cfg(data, tiny_tokenizer_dir, out, num_workers=1)
+    pretokenize(cfg)
+    with open(data / "a.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "changed"}) + "\n")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full while writing the sidecar")
+
+    monkeypatch.setattr(pp, "atomic_write_json", boom)
+    with pytest.raises(OSError, match="disk full"):
+        pretokenize(cfg)
+    assert (out / "a.bin").exists() and not (out / "a.bin.json").exists()
+    with pytest.raises(PretokFormatError, match="a.bin: no sidecar"):
+        read_sidecar(out / "a.bin")
+    monkeypatch.undo()
+    assert [r.skipped for r in pretokenize(cfg)] == [False, True, True, True]
+
+
+def test_two_sources_with_one_output_name_is_an_error(tmp_path, tiny_tokenizer_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.jsonl").write_text('{"text": "a"}\n')
+    (data / "x.txt").write_text("b\n")
+    with pytest.raises(ValueError, match=r"x.txt and .*x.jsonl would both write .*x.bin"):
+        pretokenize(_cfg(data, tiny_tokenizer_dir, tmp_path / "out"))
+
+
+def test_cli_end_to_end_with_index(tmp_path, tiny_tokenizer_dir):
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    pre = [sys.executable, "-m", "data_preprocess.pretokenize_pretrain_data", f"--data_dir={data}"]
+    pre += [f"--tokenizer_dir={tiny_tokenizer_dir}", f"--save_dir={out}", "--num_workers=2"]
+    res = subprocess.run(pre, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "tokens/s" in res.stdout and "invalid_json=1" in res.stdout
+    idx = [sys.executable, "-m", "data_preprocess.build_pretrain_sample_index_map", f"--data_dir={out}"]
+    res = subprocess.run(idx + ["--max_seq_len=16"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.rglob("*.ibin")) == ["a.ibin", "b.ibin", "c.ibin", "d.ibin"]
+
+
+def test_shared_parquet_with_worker_pool_matches_direct_encoding(
+    tmp_path, shared_data, tiny_tokenizer_dir, tiny_tokenizer
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    src = shared_data / "pretrain" / "zh_fortunes_part.parquet"
+    os.symlink(src, data / src.name)
+    (r,) = pretokenize(_cfg(data, tiny_tokenizer_dir, tmp_path / "out", num_workers=2, chunk_chars=20_000))
+    assert r.num_documents == 2000
+    tokens = np.fromfile(r.bin_path, dtype=np.uint16).astype(np.int64)
+    np.testing.assert_array_equal(tokens, _expected_stream(src, tiny_tokenizer))
