@@ -269,3 +269,32 @@ def test_unloadable_extra_is_refused_at_save(tmp_path):
     with pytest.raises(ValueError, match="extra"):
         CheckpointManager(tmp_path).save(1, model, opt, {"evil": Payload()})
     assert saved_steps(tmp_path) == []
+
+
+def test_real_model_tied_embeddings_round_trip(tmp_path):
+    """The loop's model (z2all.model, tied embeddings) with AdamW resumes bit-exactly."""
+    from z2all.model import Z2allForCausalLM, get_preset
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        m = Z2allForCausalLM(
+            get_preset("tiny", vocab_size=128, num_hidden_layers=1, tie_word_embeddings=True)
+        )
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def step(m, opt) -> float:
+        x = torch.randint(0, 128, (2, 16))
+        loss = m(x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    model, opt = build(0)
+    step(model, opt)
+    CheckpointManager(tmp_path).save(1, model, opt, {"step": 1})
+    expected = [step(model, opt) for _ in range(2)]
+    model2, opt2 = build(1)
+    assert CheckpointManager(tmp_path).load_latest(model2, opt2) == {"step": 1}
+    assert model2.lm_head.weight is model2.model.embed_tokens.weight  # still tied after the load
+    assert [step(model2, opt2) for _ in range(2)] == expected
