@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -155,6 +156,14 @@ def test_cache_dir_is_written_then_reused(tiny_tokenizer_dir, tmp_path):
     second = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
     assert second.origins == ["pretokenized"]
     assert_same_items(first, second)
+    # Pickling (DataLoader workers under "spawn") re-maps the files rather than copying the tokens.
+    blob = pickle.dumps(second)
+    assert second.shards[0].__getstate__().keys() == {"mapped_from"}
+    assert second.shards[0].ids.tobytes() not in blob
+    clone = pickle.loads(blob)
+    assert isinstance(clone.shards[0].ids, np.memmap)
+    assert_same_items(second, clone)
+    assert_same_items(first, pickle.loads(pickle.dumps(first)))  # in-memory shards pickle whole
 
 
 def test_incomplete_or_corrupt_sets_are_not_used(tiny_tokenizer_dir, tmp_path, z2all_log):

@@ -71,6 +71,7 @@ class SFTShard:
     ids: np.ndarray  # (n_tokens,) uint16/uint32, in memory or memory-mapped
     mask: np.ndarray  # (n_tokens,) uint8, 1 = trainable
     offsets: np.ndarray  # (n_samples + 1,) int64, offsets[0] == 0, offsets[-1] == n_tokens
+    mapped_from: dict[str, str] | None = None  # bin/mask/idx paths + ids_dtype when memory-mapped
 
     def __post_init__(self):
         if len(self.ids) != len(self.mask) or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids):
@@ -81,6 +82,18 @@ class SFTShard:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    # A memory-mapped shard pickles as its file names (a DataLoader worker started with "spawn"
+    # re-maps the files instead of receiving a copy of every token).
+    def __getstate__(self) -> dict:
+        if self.mapped_from is not None:
+            return {"mapped_from": self.mapped_from}
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        if set(state) == {"mapped_from"}:
+            state = _mapped_arrays(state["mapped_from"])
+        self.__dict__.update(state)
 
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, labels)``, int64 of length T; labels are -100 where the mask is 0."""
@@ -154,9 +167,14 @@ def load_shard(paths: dict[str, Path], key: dict) -> tuple[SFTShard, dict] | Non
         diff = sorted(k for k in key if sidecar.get("key", {}).get(k) != key[k])
         log.info("%s: stale (differs in %s); not used", paths["sidecar"], ", ".join(diff))
         return None
-    shard = SFTShard(
-        ids=_map(paths["bin"], np.dtype(sidecar["ids_dtype"])),
-        mask=_map(paths["mask"], np.dtype(np.uint8)),
-        offsets=_map(paths["idx"], np.dtype(np.int64)),
-    )
-    return shard, sidecar
+    mapped_from = {kind: str(paths[kind]) for kind in _SUFFIXES} | {"ids_dtype": sidecar["ids_dtype"]}
+    return SFTShard(**_mapped_arrays(mapped_from)), sidecar
+
+
+def _mapped_arrays(mapped_from: dict[str, str]) -> dict:
+    return {
+        "ids": _map(Path(mapped_from["bin"]), np.dtype(mapped_from["ids_dtype"])),
+        "mask": _map(Path(mapped_from["mask"]), np.dtype(np.uint8)),
+        "offsets": _map(Path(mapped_from["idx"]), np.dtype(np.int64)),
+        "mapped_from": mapped_from,
+    }
