@@ -39,7 +39,7 @@ class TrainConfig:
     task_type: Literal["pretrain", "sft", "dpo"] = "pretrain"
     """pretrain: next-token loss on packed windows; sft: loss on assistant tokens only; dpo: sigmoid DPO."""
     data_dir: str = ""
-    """pretrain: folder of pretokenized .bin/.idx shards; sft/dpo: a .jsonl/.json/.parquet file or folder."""
+    """pretrain: folder of pretokenized .bin + .ibin files; sft/dpo: a .jsonl/.json/.parquet file/folder."""
     tokenizer_dir: str = ""
     """Folder of the trained tokenizer (Z2allTokenizer.from_pretrained); defaults to --init_from's."""
     out_dir: str = "out"
@@ -50,8 +50,6 @@ class TrainConfig:
     """A z2all run dir or a Hugging Face Llama dir whose weights start the run (SFT, DPO, continued)."""
     valid_ratio: float = 0.01
     """Fraction of the data held out for evaluation."""
-    text_field: str = ""
-    """Name of the text field for raw-text SFT/DPO readers (empty: the reader's default)."""
 
     # ---- optimisation -----------------------------------------------------------------------------
     max_iters: int = 100

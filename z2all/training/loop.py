@@ -248,14 +248,16 @@ def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.devi
     return info
 
 
-def _mfu(comp: Components, tokens_per_s: float, device: torch.device, cfg: TrainConfig) -> float | None:
+def _mfu(comp: Components, tokens_per_s: float, device: torch.device, cfg: TrainConfig, world: int):
+    """Model FLOPs utilisation on GPU (None on CPU or an unknown GPU): achieved / (world x peak)."""
     if device.type != "cuda" or comp.model_config is None:
         return None
-    try:
-        from z2all.model import estimate_mfu
-    except ImportError:
+    from z2all.model import estimate_mfu, peak_flops_for
+
+    peak = peak_flops_for(torch.cuda.get_device_name(device))
+    if peak is None:
         return None
-    return float(estimate_mfu(comp.model_config, cfg.max_seq_len, tokens_per_s, device=device))
+    return float(estimate_mfu(comp.model_config, cfg.max_seq_len, tokens_per_s, peak * world))
 
 
 def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult:
@@ -338,7 +340,7 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
         tokens += step_tokens
         rec["tokens"] = tokens
         rec["tokens_per_s"] = step_tokens / dt if dt > 0 else 0.0
-        rec["mfu"] = _mfu(comp, rec["tokens_per_s"], device, cfg)
+        rec["mfu"] = _mfu(comp, rec["tokens_per_s"], device, cfg, world)
         rec["comm_bytes"] = dp.pop_comm_bytes()
         done = step + 1
         last = done == cfg.max_iters

@@ -96,15 +96,6 @@ def dpo_sigmoid_loss(
     return losses.mean(), stats
 
 
-def _pad_stack(seqs: list[torch.Tensor], value: int, length: int | None = None) -> torch.Tensor:
-    length = length or max(len(s) for s in seqs)
-    out = torch.full((len(seqs), length), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = min(len(s), length)
-        out[i, :n] = torch.as_tensor(s[:n], dtype=torch.long)
-    return out
-
-
 class PretrainTask:
     """Next-token loss on packed windows ``(x, y)`` from ``PretokDatasetWithIndex``."""
 
@@ -130,17 +121,15 @@ class SFTTask:
 
     name = "sft"
 
-    def __init__(self, pad_id: int, max_seq_len: int):
+    def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.max_seq_len = max_seq_len
 
     def collate(self, samples: list) -> dict[str, torch.Tensor]:
-        ids = [torch.as_tensor(s[0]) for s in samples]
-        labels = [torch.as_tensor(s[1]) for s in samples]
-        length = min(self.max_seq_len, max(len(x) for x in ids))
-        input_ids = _pad_stack(ids, self.pad_id, length)
-        labels_p = _pad_stack(labels, IGNORE_INDEX, length)
-        return {"input_ids": input_ids, "targets": shift_labels(labels_p)}
+        from z2all.data.sft_dataset import sft_collate
+
+        # Right padding: real tokens never attend to the pads after them, so no mask is needed.
+        input_ids, labels, _ = sft_collate(samples, self.pad_id)  # (B, T) each
+        return {"input_ids": input_ids, "targets": shift_labels(labels)}
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
         logits = model(batch["input_ids"]).logits  # (B, T, V); right padding needs no attention mask
@@ -150,29 +139,25 @@ class SFTTask:
 class DPOTask:
     """Sigmoid DPO against a frozen reference model.
 
-    Samples are dicts with ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids`` and
-    ``rejected_labels`` (labels -100 on the prompt, aligned with input_ids). Chosen and rejected go
+    Samples are ``DPODataset`` items: ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``
+    and ``rejected_labels`` (labels -100 on the prompt, aligned with input_ids). Chosen and rejected go
     through the model in one forward of 2B rows so both see the same weights and kernels.
     """
 
     name = "dpo"
 
-    def __init__(self, pad_id: int, max_seq_len: int, beta: float):
+    def __init__(self, pad_id: int, beta: float):
         self.pad_id = pad_id
-        self.max_seq_len = max_seq_len
         self.beta = beta
 
     def collate(self, samples: list) -> dict[str, torch.Tensor]:
-        ids = [torch.as_tensor(s["chosen_input_ids"]) for s in samples]
-        ids += [torch.as_tensor(s["rejected_input_ids"]) for s in samples]
-        labels = [torch.as_tensor(s["chosen_labels"]) for s in samples]
-        labels += [torch.as_tensor(s["rejected_labels"]) for s in samples]
-        length = min(self.max_seq_len, max(len(x) for x in ids))
+        from z2all.data.dpo_dataset import dpo_collate
+
+        b = dpo_collate(samples, self.pad_id)  # chosen and rejected padded to one T
         # rows 0..B-1 are chosen, B..2B-1 rejected
-        return {
-            "input_ids": _pad_stack(ids, self.pad_id, length),
-            "targets": shift_labels(_pad_stack(labels, IGNORE_INDEX, length)),
-        }
+        input_ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])  # (2B, T)
+        labels = torch.cat([b["chosen_labels"], b["rejected_labels"]])  # (2B, T)
+        return {"input_ids": input_ids, "targets": shift_labels(labels)}
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
         if ref_model is None:
