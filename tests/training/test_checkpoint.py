@@ -29,6 +29,7 @@ from z2all.training.checkpoint import (
     list_checkpoints,
     safe_torch_load,
 )
+from z2all.training.checkpoint_safety import SafeFileSystemReader
 from z2all.training.rng_state import seed_all
 
 
@@ -108,7 +109,7 @@ def test_round_trip_is_exact(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     assert path.name == "step_000003" and manifest["step"] == 3 and manifest["world_size"] == 1
     assert manifest["model_config"] == {"vocab": 32, "dim": 16}
-    meta = ckpt_mod._SafeFileSystemReader(path / "state").read_metadata()
+    meta = SafeFileSystemReader(path / "state").read_metadata()
     assert all("_orig_mod" not in k and "module." not in k for k in meta.state_dict_metadata)
 
     model2, opt2 = make(seed=123)  # different init, fresh optimizer, scrambled RNG

@@ -54,3 +54,14 @@ def test_malformed_state_is_a_clear_error():
     del state["numpy"]
     with pytest.raises(ValueError, match="numpy"):
         set_rng_state(state)
+
+
+@pytest.mark.gpu
+def test_cuda_streams_round_trip():
+    seed_all(3)
+    state = get_rng_state()
+    assert len(state["torch_cuda"]) == torch.cuda.device_count()
+    expected = torch.rand(5, device="cuda").tolist()
+    seed_all(4)
+    set_rng_state(state)
+    assert torch.rand(5, device="cuda").tolist() == expected

@@ -16,8 +16,8 @@ Invariants:
   previous complete checkpoint always exist (``keep=2``).
 - Nothing is ever unpickled freely: per-rank files load with ``torch.load(weights_only=True)``, DCP's
   ``.metadata`` pickle goes through an allowlist unpickler and DCP's non-tensor items are checked by
-  ``weights_only`` before DCP sees them. A file that needs anything else raises
-  :class:`UnsafeCheckpointError` naming it.
+  ``weights_only`` before DCP sees them (:mod:`z2all.training.checkpoint_safety`). A file that
+  needs anything else raises :class:`UnsafeCheckpointError` naming it.
 - Model and optimizer state are saved through DCP with the model's own parameter names (no
   ``module.``/``_orig_mod.`` prefixes), replicated state deduplicated across ranks, so any world
   size can load them, and a ZeRO-1 optimizer can later save its shards into the same ``state/``.
@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
@@ -45,9 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -56,7 +54,27 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from z2all.training.checkpoint_safety import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    safe_torch_load,
+)
 from z2all.training.rng_state import get_rng_state, rank_seed, seed_all, set_rng_state
+
+__all__ = [
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "find_tokenizer_dir",
+    "list_checkpoints",
+    "load_model_from_dir",
+    "read_manifest",
+    "safe_torch_load",
+    "unwrap_model",
+    "verify_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,100 +87,12 @@ OLD_PREFIX = "ckpt_old-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file would need arbitrary unpickling (a custom class or callable) to load."""
-
-
 class CorruptCheckpointError(RuntimeError):
     """Checkpoints exist but none of them is complete and readable."""
 
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint is intact but does not fit the model (missing/unexpected keys, shapes)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe loading
-# ---------------------------------------------------------------------------------------------
-
-# Globals DCP's .metadata pickle legitimately references. Everything else is refused.
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata",)
-_SAFE_GLOBALS = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _AllowlistUnpickler(pickle.Unpickler):
-    """Unpickler for DCP metadata that resolves only the allowlisted DCP/torch classes."""
-
-    def __init__(self, file, source: str):
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str):
-        allowed = module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
-        if not allowed:
-            raise UnsafeCheckpointError(
-                f"{self.source}: refused to load: it references {module}.{name}, which is not a "
-                "DCP metadata class (loading it would run arbitrary code)"
-            )
-        return super().find_class(module, name)
-
-
-class _SafeFileSystemReader(FileSystemReader):
-    """DCP reader whose ``read_metadata`` uses the allowlist unpickler instead of ``pickle.load``."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
-        with open(path, "rb") as f:
-            metadata = _AllowlistUnpickler(f, str(path)).load()
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner loads non-tensor items with ``weights_only=False``; check them first."""
-
-    def __init__(self, source: str):
-        super().__init__()
-        self.source = source
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"{self.source}: item {read_item.dest_index.fqn!r} refused: it needs arbitrary "
-                f"unpickling ({str(e).splitlines()[0]})"
-            ) from e
-        value.seek(0)  # proven weights_only-safe: the parent may deserialize the same bytes
-        super().load_bytes(read_item, value)
-
-
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, raising :class:`UnsafeCheckpointError` with
-    the file name when the file would need arbitrary unpickling."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
-            f"({str(e).splitlines()[0]})"
-        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,13 +256,13 @@ def _check_model_fits(meta: Metadata, model_sd: dict[str, Any], source: Path) ->
 
 def _load_dcp(ckpt_dir: Path, model: nn.Module, optimizer, no_dist: bool) -> None:
     """Load model (and optimizer) state from ``ckpt_dir/state`` into the live objects, strictly."""
-    reader = _SafeFileSystemReader(ckpt_dir / DCP_DIR)
+    reader = SafeFileSystemReader(ckpt_dir / DCP_DIR)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     _check_model_fits(reader.read_metadata(), state["model"], ckpt_dir)
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     with _single_process_ok(no_dist):
-        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(str(ckpt_dir)), no_dist=no_dist)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(str(ckpt_dir)), no_dist=no_dist)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
