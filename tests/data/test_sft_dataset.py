@@ -186,6 +186,18 @@ def test_conversation_json_array_is_streamed(tiny_tokenizer, tmp_path):
     check_item(tiny_tokenizer, ds[2], CONVERSATION_MESSAGES[3])
 
 
+def test_parquet_sharegpt(tiny_tokenizer, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    records = CONVERSATION_RECORDS[3:]  # the ShareGPT rows
+    table = pa.Table.from_pylist([{"conversations": r["conversations"]} for r in records])
+    pq.write_table(table, tmp_path / "c.parquet")
+    ds = SFTDataset(tmp_path / "c.parquet", tiny_tokenizer, max_seq_len=256)
+    assert len(ds) == 2
+    check_item(tiny_tokenizer, ds[0], CONVERSATION_MESSAGES[3][1:])  # no top-level system column here
+    check_item(tiny_tokenizer, ds[1], CONVERSATION_MESSAGES[4])
+
+
 def test_alpaca_with_input_and_system(tiny_tokenizer, tmp_path):
     records = [
         {"instruction": "Translate", "input": "你好", "output": "Hello"},
@@ -293,6 +305,9 @@ def test_errors(tiny_tokenizer, tmp_path):
         SFTDataset(tmp_path, tiny_tokenizer, 64)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SFTDataset(tmp_path / "missing.jsonl", tiny_tokenizer, 64)
+    (tmp_path / "notes.txt").write_text("plain text", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"notes\.txt: unsupported SFT/DPO file type '\.txt'"):
+        SFTDataset(tmp_path / "notes.txt", tiny_tokenizer, 64)
     path = write_jsonl(tmp_path / "q.jsonl", [[{"role": "user", "content": "no answer"}]])
     with pytest.raises(ValueError, match="no usable SFT samples"):
         SFTDataset(path, tiny_tokenizer, 64)

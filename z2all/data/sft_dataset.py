@@ -40,6 +40,7 @@ from z2all.data.sft_pretok import (
     save_shard,
     sft_paths,
 )
+from z2all.tokenizer import Z2allTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ SPLITS = ("train", "valid", "all")
 def as_tokenizer(tokenizer: Any) -> Any:
     """A tokenizer object, loading ``Z2allTokenizer`` when given its directory."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from z2all.tokenizer import Z2allTokenizer
-
         return Z2allTokenizer.from_pretrained(tokenizer)
     return tokenizer
 
@@ -60,6 +59,8 @@ def list_sources(path_or_dir: str | os.PathLike) -> list[Path]:
     """The .jsonl/.json/.parquet files under a folder (recursive, sorted, sidecars skipped), or the file."""
     path = Path(path_or_dir)
     if path.is_file():
+        if path.suffix not in SOURCE_SUFFIXES:
+            raise ValueError(f"{path}: unsupported SFT/DPO file type {path.suffix!r} (use {SOURCE_SUFFIXES})")
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"data path {path} does not exist")
