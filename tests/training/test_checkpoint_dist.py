@@ -80,6 +80,12 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     manifest_files = sorted(p.name for p in (out_dir / "step_000002").iterdir())
     assert manifest_files == ["manifest.json", "rank_00000.pt", "rank_00001.pt", "state"]
 
+    # Replicated state is written once in total (DCP dedup), not once per rank.
+    def distcp_bytes(d):
+        return sum(f.stat().st_size for f in (d / "state").glob("*.distcp"))
+
+    assert distcp_bytes(out_dir / "step_000002") < 1.1 * distcp_bytes(single_path)
+
     # (3) 2 -> 1 process: the model state written by two ranks loads whole into one process.
     model1, opt1 = make(seed=77)
     extra = CheckpointManager(out_dir, seed=SEED).load_latest(model1, opt1)
