@@ -251,6 +251,17 @@ def test_bad_records_are_skipped_and_reported_with_line_numbers(tiny_tokenizer, 
     assert "bad.jsonl:line 3" in z2all_log.text and "6 bad records" in z2all_log.text
 
 
+def test_utf8_bom_and_bad_bytes(tiny_tokenizer, tmp_path):
+    good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "答"}]).encode()
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + good + b"\n" + b'[{"role": "user", "content": "\xff"}]\n' + good + b"\n"
+    )
+    ds = SFTDataset(path, tiny_tokenizer, max_seq_len=64)
+    assert len(ds) == 2 and ds.reports[0]["n_bad"] == 1
+    assert ds.reports[0]["bad_examples"][0].startswith(f"{path}:line 2: invalid_utf8")
+
+
 def test_bad_alpaca_items_are_reported_with_item_index(tiny_tokenizer, tmp_path):
     path = tmp_path / "a.json"
     path.write_text(

@@ -32,6 +32,7 @@ from z2all.atomic import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
+# Part of the cache key: bump it whenever rendering (chat.py), truncation or this layout changes.
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 _SUFFIXES = {"bin": ".sft.bin", "mask": ".sft.mask", "idx": ".sft.idx"}

@@ -100,7 +100,8 @@ def iter_json_records(path: str | os.PathLike, stats: ReadStats) -> Iterator[tup
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                # utf-8-sig on line 1: files saved by some Windows editors start with a BOM.
+                record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
             except UnicodeDecodeError as e:
                 stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
                 continue
