@@ -42,6 +42,10 @@ def eager_attention(q, k, v, mask=None, causal=True, dropout_p=0.0):
     return probs @ v
 
 
+# enable_gqa arrived in torch 2.5; older versions expand the kv heads instead.
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def sdpa_attention(q, k, v, mask=None, causal=True, dropout_p=0.0):
     """torch.nn.functional.scaled_dot_product_attention (flash / mem-efficient / math inside torch)."""
     tq, tk = q.shape[2], k.shape[2]
@@ -53,8 +57,12 @@ def sdpa_attention(q, k, v, mask=None, causal=True, dropout_p=0.0):
             mask = _causal_mask(tq, tk, q.device)
         # tq == 1: a single new query may see every cached key; no mask at all
     if k.shape[1] != q.shape[1]:
-        # Expanding the kv heads as a view costs no copy before SDPA's own kernels run, and works on
-        # every torch >= 2.4 (enable_gqa needs 2.5 and is not supported by every SDPA kernel).
+        if _SDPA_HAS_GQA:
+            # native grouped-query attention: no (B, H, Tk, D) copy of the kv heads, which in KV-cache
+            # decoding would copy the whole cache every step
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
+            )
         n_rep = q.shape[1] // k.shape[1]
         b, hkv, t, d = k.shape
         k = k[:, :, None].expand(b, hkv, n_rep, t, d).reshape(b, hkv * n_rep, t, d)
