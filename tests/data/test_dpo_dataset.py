@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from z2all.data import dpo_dataset
 from z2all.data.chat import render_chat
 from z2all.data.dpo_dataset import DPODataset, dpo_collate, truncate_pair
 
@@ -218,11 +219,15 @@ def test_bad_records_reported_with_line_numbers(tiny_tokenizer, tmp_path, z2all_
 
 
 # -------------------------------------------------------------------------------------- split, collate
-def test_split(tiny_tokenizer, tmp_path):
+def test_split(tiny_tokenizer, tmp_path, monkeypatch):
+    calls = []
+    real = dpo_dataset.build_pairs
+    monkeypatch.setattr(dpo_dataset, "build_pairs", lambda *a: calls.append(a[0]) or real(*a))
     records = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "s.jsonl", records)
     train = DPODataset(path, tiny_tokenizer, 64, split="train", valid_ratio=0.2, seed=7)
     valid = DPODataset(path, tiny_tokenizer, 64, split="valid", valid_ratio=0.2, seed=7)
+    assert calls == [path]  # the valid split reuses the train split's tokenization
     assert len(train) == 16 and len(valid) == 4
     assert sorted(train.indices.tolist() + valid.indices.tolist()) == list(range(20))
     k = int(valid.indices[0])

@@ -9,8 +9,10 @@ import logging
 import pytest
 import torch
 
+from z2all.data import sft_dataset
 from z2all.data.chat import render_chat
 from z2all.data.sft_dataset import SFTDataset, sft_collate, split_indices
+from z2all.data.sft_records import BuildMemo
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -346,6 +348,35 @@ def test_split_is_deterministic_disjoint_and_complete(tiny_tokenizer, tmp_path):
         split_indices(10, "train", 1.0, 0)
     with pytest.raises(ValueError, match="split"):
         split_indices(10, "validation", 0.1, 0)
+
+
+def test_train_and_valid_tokenize_once_per_process(tiny_tokenizer, tmp_path, monkeypatch):
+    calls = []
+    real = sft_dataset.build_shard
+    monkeypatch.setattr(sft_dataset, "build_shard", lambda *a: calls.append(a[0]) or real(*a))
+    records = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(10)
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", records)
+    train = SFTDataset(path, tiny_tokenizer, 64, split="train", valid_ratio=0.2)
+    valid = SFTDataset(path, tiny_tokenizer, 64, split="valid", valid_ratio=0.2)
+    assert calls == [path] and len(train) + len(valid) == 10
+    SFTDataset(path, tiny_tokenizer, 32)  # another max_seq_len: another key
+    with open(path, "a", encoding="utf-8") as f:  # the source changes: stale
+        f.write(json.dumps(records[0]) + "\n")
+    assert len(SFTDataset(path, tiny_tokenizer, 64)) == 11
+    assert calls == [path] * 3
+
+
+def test_build_memo_evicts_least_recently_used_by_bytes():
+    memo = BuildMemo(max_bytes=100)
+    memo.put(("a",), "A", 40)
+    memo.put(("b",), "B", 40)
+    assert memo.get(("a",)) == "A"  # a is now the most recent
+    memo.put(("c",), "C", 40)  # 120 > 100: evict b, the least recent
+    assert memo.get(("b",)) is None and memo.get(("a",)) == "A" and memo.get(("c",)) == "C"
+    memo.put(("huge",), "H", 101)  # larger than the budget: never held
+    assert memo.get(("huge",)) is None and memo.get(("c",)) == "C"
 
 
 def test_sft_collate_right_pads():

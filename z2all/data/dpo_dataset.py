@@ -31,7 +31,7 @@ from z2all.data.chat import render_chats
 from z2all.data.dpo_formats import dpo_record_to_parts
 from z2all.data.sft_dataset import as_tokenizer, list_sources, split_indices
 from z2all.data.sft_pretok import IGNORE_INDEX, ids_dtype
-from z2all.data.sft_records import BuildReport, iter_parsed
+from z2all.data.sft_records import BUILD_MEMO, BuildReport, iter_parsed
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,48 @@ def truncate_pair(
     keep = min(len(prompt), max(max_seq_len - longest, max_seq_len // 2))
     room = max_seq_len - keep  # >= max_seq_len - max_seq_len // 2 >= 1
     return prompt[len(prompt) - keep :], chosen[:room], rejected[:room], True
+
+
+def build_pairs(
+    source: os.PathLike, tok: Any, max_seq_len: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], BuildReport]:
+    """Tokenize the pairs of one source: ``(prompts, chosen, rejected, report)``, arrays per kept pair."""
+    dtype = ids_dtype(tok.vocab_size)
+    report = BuildReport(source=str(source))
+    prompts: list[np.ndarray] = []
+    chosens: list[np.ndarray] = []
+    rejecteds: list[np.ndarray] = []
+
+    def flush(chunk: list[tuple[tuple[list, str, str], str]]) -> None:
+        rendered = render_chats(
+            tok, [p[0] for p, _ in chunk], add_generation_prompt=True, wheres=[w for _, w in chunk]
+        )
+        responses = tok.encode_batch([text for p, _ in chunk for text in (p[1], p[2])])
+        for k, ((prompt, _), (_, where)) in enumerate(zip(rendered, chunk)):
+            chosen = [*responses[2 * k], tok.im_end_id]
+            rejected = [*responses[2 * k + 1], tok.im_end_id]
+            if chosen == rejected:
+                report.add_dropped(where, "identical_responses")
+                continue
+            prompt, chosen, rejected, truncated = truncate_pair(prompt, chosen, rejected, max_seq_len)
+            if chosen == rejected:
+                report.add_dropped(where, "identical_after_truncation")
+                continue
+            report.n_truncated += truncated
+            prompts.append(np.asarray(prompt, dtype=dtype))
+            chosens.append(np.asarray(chosen, dtype=dtype))
+            rejecteds.append(np.asarray(rejected, dtype=dtype))
+
+    chunk: list[tuple[tuple[list, str, str], str]] = []
+    for item in iter_parsed(source, dpo_record_to_parts, report):
+        chunk.append(item)
+        if len(chunk) == _CHUNK:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+    report.n_samples = len(prompts)
+    return prompts, chosens, rejecteds, report
 
 
 class DPODataset(Dataset):
@@ -76,52 +118,30 @@ class DPODataset(Dataset):
         tok = as_tokenizer(tokenizer)
         self.max_seq_len = int(max_seq_len)
         self.sources = list_sources(data_path_or_dir)
-        self._dtype = ids_dtype(tok.vocab_size)
         # One entry per kept pair: the three pieces as compact arrays (prompt shared by both sides).
         self._prompts: list[np.ndarray] = []
         self._chosen: list[np.ndarray] = []
         self._rejected: list[np.ndarray] = []
         self.reports: list[dict] = []  # per source, BuildReport.to_dict()
         for source in self.sources:
-            report = self._load_source(source, tok)
-            report.log_summary()
+            key = {"tokenizer_fingerprint": tok.fingerprint(), "max_seq_len": self.max_seq_len}
+            st = os.stat(source)
+            key |= {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+            memo_key = BUILD_MEMO.make_key("dpo", source, key)
+            built = BUILD_MEMO.get(memo_key)
+            if built is None:
+                built = build_pairs(source, tok, self.max_seq_len)
+                built[-1].log_summary()
+                nbytes = sum(a.nbytes for part in built[:3] for a in part)
+                BUILD_MEMO.put(memo_key, built, nbytes)
+            prompts, chosen, rejected, report = built
+            self._prompts += prompts
+            self._chosen += chosen
+            self._rejected += rejected
             self.reports.append(report.to_dict())
         if not self._prompts:
             raise ValueError(f"{data_path_or_dir}: no usable DPO pairs (reports: {self.reports})")
         self.indices = split_indices(len(self._prompts), split, valid_ratio, seed)
-
-    def _load_source(self, source: os.PathLike, tok: Any) -> BuildReport:
-        report = BuildReport(source=str(source))
-        chunk: list[tuple[tuple[list, str, str], str]] = []
-        for item in iter_parsed(source, dpo_record_to_parts, report):
-            chunk.append(item)
-            if len(chunk) == _CHUNK:
-                self._add_chunk(chunk, tok, report)
-                chunk = []
-        if chunk:
-            self._add_chunk(chunk, tok, report)
-        return report
-
-    def _add_chunk(self, chunk: list, tok: Any, report: BuildReport) -> None:
-        prompts = render_chats(
-            tok, [p[0] for p, _ in chunk], add_generation_prompt=True, wheres=[w for _, w in chunk]
-        )
-        responses = tok.encode_batch([text for p, _ in chunk for text in (p[1], p[2])])
-        for k, ((prompt, _), (_, where)) in enumerate(zip(prompts, chunk)):
-            chosen = [*responses[2 * k], tok.im_end_id]
-            rejected = [*responses[2 * k + 1], tok.im_end_id]
-            if chosen == rejected:
-                report.add_dropped(where, "identical_responses")
-                continue
-            prompt, chosen, rejected, truncated = truncate_pair(prompt, chosen, rejected, self.max_seq_len)
-            if chosen == rejected:
-                report.add_dropped(where, "identical_after_truncation")
-                continue
-            report.n_truncated += truncated
-            report.n_samples += 1
-            self._prompts.append(np.asarray(prompt, dtype=self._dtype))
-            self._chosen.append(np.asarray(chosen, dtype=self._dtype))
-            self._rejected.append(np.asarray(rejected, dtype=self._dtype))
 
     @property
     def n_dropped(self) -> int:

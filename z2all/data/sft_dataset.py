@@ -6,8 +6,9 @@ in the format ``sft_type`` names (see :mod:`z2all.data.sft_formats`). Per source
 1. a pretokenized set (``python -m data_preprocess.pretokenize_sft_data``) in ``cache_dir`` or beside
    the source, if its key (tokenizer fingerprint, source size + mtime, max_seq_len, sft_type) matches:
    memory-mapped, O(item) memory per item;
-2. otherwise it tokenizes the source now, in one batched pass, and keeps the compact arrays in memory;
-   with ``cache_dir`` set it also writes them there (atomically) so the next run memory-maps them.
+2. otherwise it tokenizes the source now, in one batched pass, and keeps the compact arrays in memory
+   (shared through an in-process LRU, so the valid split reuses the train split's work); with
+   ``cache_dir`` set it also writes them there (atomically) so the next run memory-maps them.
 
 The source is tokenized up front rather than item by item because dropping is part of the sample
 set: a dialogue whose replies all fall past ``max_seq_len`` is no sample, so ``len()`` and the
@@ -40,6 +41,7 @@ from z2all.data.sft_pretok import (
     save_shard,
     sft_paths,
 )
+from z2all.data.sft_records import BUILD_MEMO
 from z2all.tokenizer import Z2allTokenizer
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,15 @@ def load_or_build_shard(
             shard, sidecar = loaded
             log.info("%s: using pretokenized %s (%d samples)", source, d, len(shard))
             return shard, sidecar["report"], "pretokenized"
-    shard, report = build_shard(source, tok, max_seq_len, sft_type)
-    report.log_summary()
+    memo_key = BUILD_MEMO.make_key("sft", source, key)
+    memo = BUILD_MEMO.get(memo_key)
+    if memo is not None:
+        shard, report = memo
+        log.info("%s: reusing the tokenization done earlier in this process", source)
+    else:
+        shard, report = build_shard(source, tok, max_seq_len, sft_type)
+        report.log_summary()
+        BUILD_MEMO.put(memo_key, (shard, report), shard.ids.nbytes + shard.mask.nbytes + shard.offsets.nbytes)
     if cache_dir is not None:
         save_shard(shard, sft_paths(source, cache_dir), key, tok.vocab_size, report.to_dict())
     return shard, report.to_dict(), "tokenized"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,44 @@ log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5  # how many bad / dropped records a report names
 T = TypeVar("T")
+
+
+class BuildMemo:
+    """The most recently tokenized sources of this process, up to ``max_bytes`` of token arrays.
+
+    A trainer builds a train and a valid dataset over the same files; both see the same key (source
+    size + mtime, tokenizer fingerprint, settings), so the second one reuses the first one's arrays
+    instead of tokenizing again. Values are shared, never mutated. Least recently used goes first.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # key -> (value, nbytes)
+
+    @staticmethod
+    def make_key(kind: str, source: str | os.PathLike, key: dict) -> tuple:
+        return (kind, str(Path(source).resolve()), json.dumps(key, sort_keys=True))
+
+    def get(self, key: tuple) -> Any | None:
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key][0]
+
+    def put(self, key: tuple, value: Any, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            return
+        self._items[key] = (value, nbytes)
+        self._items.move_to_end(key)
+        while sum(n for _, n in self._items.values()) > self.max_bytes:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+# Shared by the SFT and DPO datasets of this process.
+BUILD_MEMO = BuildMemo(max_bytes=2 << 30)
 
 
 @dataclass
