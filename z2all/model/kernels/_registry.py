@@ -40,6 +40,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` would run in: the autocast dtype when autocast is on, else x's.
+
+    Custom kernels (triton / CUDA extensions) are not autocast-aware, so their wrappers cast
+    explicitly to what the eager matmuls would have used.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _always(*args, **kwargs) -> bool:
     return True
 

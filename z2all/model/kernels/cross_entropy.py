@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from z2all.model.kernels._registry import Backend, KernelOp, cuda_available, try_import
+from z2all.model.kernels._registry import Backend, KernelOp, autocast_dtype, cuda_available, try_import
 
 IGNORE_INDEX = -100
 
@@ -45,7 +45,8 @@ def _liger_flce():
 
 
 def liger_fused_linear_loss(hidden, weight, targets, need_logits=True):
-    return _liger_flce()(weight, hidden, targets), None
+    dt = autocast_dtype(hidden)  # the dtype the lm_head matmul would run in under autocast
+    return _liger_flce()(weight.to(dt), hidden.to(dt), targets).float(), None
 
 
 @functools.cache

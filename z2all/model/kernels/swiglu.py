@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from z2all.model.kernels._registry import Backend, KernelOp, cuda_available, try_import
+from z2all.model.kernels._registry import Backend, KernelOp, autocast_dtype, cuda_available, try_import
 
 
 def eager_swiglu(x, gate_w, up_w, down_w):
@@ -23,6 +23,8 @@ def eager_swiglu(x, gate_w, up_w, down_w):
 
 def xformers_swiglu(x, gate_w, up_w, down_w):
     xops = try_import("xformers.ops")
+    dt = autocast_dtype(x)
+    x, gate_w, up_w, down_w = (t.to(dt) for t in (x, gate_w, up_w, down_w))
     # xformers.ops.swiglu(x, w1, b1, w2, b2, w3, b3) = (silu(x w1^T + b1) * (x w2^T + b2)) w3^T + b3
     return xops.swiglu(x, gate_w, None, up_w, None, down_w, None)
 
@@ -34,7 +36,7 @@ def liger_swiglu(x, gate_w, up_w, down_w):
 
 
 def _cuda_half(x, gate_w, up_w, down_w) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    return x.is_cuda and autocast_dtype(x) in (torch.float16, torch.bfloat16)
 
 
 SWIGLU = KernelOp(
