@@ -213,6 +213,14 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
         raise CorruptCheckpointError(
             f"{path}: format version {manifest.get('version')}, expected {FORMAT_VERSION}"
         )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+        for i in files.values()
+    ):
+        raise CorruptCheckpointError(f"{path}: 'files' must map names to {{'bytes': int, 'sha256': str}}")
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("world_size"), int):
+        raise CorruptCheckpointError(f"{path}: 'step' and 'world_size' must be integers")
     return manifest
 
 
@@ -225,27 +233,35 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, checksums: bool = True) -> st
         return str(e)
     for rel, info in manifest["files"].items():
         path = ckpt_dir / rel
-        if not path.is_file():
-            return f"{path}: missing"
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            return f"{path}: {size} bytes, manifest says {info['bytes']} (truncated?)"
-        if checksums and _sha256(path) != info["sha256"]:
-            return f"{path}: sha256 mismatch with {ckpt_dir / MANIFEST}"
+        try:
+            if not path.is_file():
+                return f"{path}: missing"
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                return f"{path}: {size} bytes, manifest says {info['bytes']} (truncated?)"
+            if checksums and _sha256(path) != info["sha256"]:
+                return f"{path}: sha256 mismatch with {ckpt_dir / MANIFEST}"
+        except OSError as e:  # vanished or unreadable while we looked
+            return f"{path}: {e}"
     return None
 
 
 def _check_model_fits(meta: Metadata, model_sd: dict[str, Any], source: Path) -> None:
     """Strict key/shape check of the saved model against ``model_sd``; names every difference."""
+    # Non-tensor entries (BytesStorageMetadata) have no size (None): never a fit for a tensor.
     saved = {
-        k[len("model.") :]: md.size for k, md in meta.state_dict_metadata.items() if k.startswith("model.")
+        k[len("model.") :]: getattr(md, "size", None)
+        for k, md in meta.state_dict_metadata.items()
+        if k.startswith("model.")
     }
     missing = sorted(set(model_sd) - set(saved))
     unexpected = sorted(set(saved) - set(model_sd))
     shapes = [
-        f"{k}: checkpoint {tuple(saved[k])} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {'non-tensor' if saved[k] is None else tuple(saved[k])} vs model {tuple(v.shape)}"
         for k, v in model_sd.items()
-        if k in saved and isinstance(v, torch.Tensor) and tuple(saved[k]) != tuple(v.shape)
+        if k in saved
+        and isinstance(v, torch.Tensor)
+        and (saved[k] is None or tuple(saved[k]) != tuple(v.shape))
     ]
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(
@@ -302,6 +318,8 @@ class CheckpointManager:
 
     def save(self, step: int, model: nn.Module, optimizer, extra: dict | None = None) -> Path:
         """Write checkpoint ``step`` (all ranks call); returns its final folder."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
         rank, world = _rank_world()
         extra = {} if extra is None else extra
         # Serialize this rank's small file first and prove it loads with weights_only, so an
