@@ -194,3 +194,19 @@ def test_cli_rejects_bad_flags(tiny_tokenizer_dir, tmp_path):
         pretokenize_main(flags(source, tmp_path / "nope", tmp_path, 64))
     with pytest.raises(SystemExit):
         pretokenize_main([f"--data_dir={source}", "--max_seq_len=8", "--unknown_flag=1"])
+
+
+def test_cli_flags_snapshot():
+    """Renaming a flag breaks users' scripts: make it a conscious change by updating this list."""
+    import dataclasses
+
+    from z2all.data.sft_pretokenize import PretokenizeSFTConfig
+
+    assert [f.name for f in dataclasses.fields(PretokenizeSFTConfig)] == [
+        "data_dir",
+        "tokenizer_dir",
+        "max_seq_len",
+        "save_dir",
+        "sft_type",
+        "force",
+    ]
