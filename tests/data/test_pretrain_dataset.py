@@ -178,7 +178,7 @@ def test_index_builder_is_idempotent(bin_dir):
 
 def test_pickle_carries_no_mapped_data_and_dataloader_works(bin_dir):
     ds = PretokDatasetWithIndex(bin_dir, L)
-    _ = ds[0]  # opens memmaps in this process
+    _ = ds[0]  # opens its files in this process
     assert len(pickle.dumps(ds)) < 10_000
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[3][1], ds[3][1])

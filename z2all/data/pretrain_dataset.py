@@ -10,7 +10,7 @@ Formats (byte tables in ``docs/data.md``):
 * ``<name>.ibin``: the sample index for one ``max_seq_len`` L: a 64-byte header then ``uint64`` start
   offsets. Sample ``k`` is the window ``bin[start_k : start_k + L + 1]`` (overlap-by-one packing as in
   nanoGPT / llama2.c: consecutive windows share one token, ``x = w[:-1]``, ``y = w[1:]``), so reading a
-  sample is one memmap slice: O(1) time and memory whatever the corpus size.
+  sample is one contiguous slice of the file: O(1) time and memory whatever the corpus size.
 
 This module is the single owner of these formats: ``data_preprocess`` writes them through the helpers
 here, the dataset reads and validates them.
@@ -36,6 +36,7 @@ IBIN_VERSION = 1
 IBIN_HEADER = struct.Struct("<8sIIQQ16s16x")
 assert IBIN_HEADER.size == 64
 OFFSET_DTYPE = np.dtype("<u8")
+_MAX_OPEN_FILES = 256  # per process; beyond this the dataset closes its files and reopens on demand
 
 
 class PretokFormatError(ValueError):
@@ -125,6 +126,7 @@ def window_starts(num_tokens: int, max_seq_len: int, lo: int = 0, hi: int | None
 @dataclass
 class _Shard:
     bin_path: Path
+    ibin_path: Path
     dtype: np.dtype
     num_tokens: int
     num_samples: int
@@ -136,7 +138,11 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
     ``ds[i] -> (x, y)``: int64 tensors of shape ``(max_seq_len,)`` with ``y[t] == x[t+1]`` for t < L-1.
     Validation is every ``stride``-th sample (``stride = N // n_valid``) at a seed-chosen slot inside
     each stride, so it spreads over all files and the split is O(1) arithmetic, not a stored list.
-    Memmaps are opened lazily in each process (DataLoader workers never pickle mapped data).
+    Reading a sample is two positioned reads (``os.pread``): 8 bytes of ``.ibin`` for the start, then
+    the ``(L+1)``-token window of ``.bin``. Nothing is mapped, so the process's RSS does not grow with
+    the corpus: with a long-lived ``np.memmap``, every random read maps ~64 KiB of neighbouring pages
+    (the kernel's fault-around) and RSS climbs towards the corpus size
+    (``benchmarks/bench_index_rss.py``). Files are opened lazily per process, never pickled.
 
     Args:
         data_dir: folder with ``.bin`` + ``.bin.json`` + ``.ibin`` files.
@@ -197,7 +203,7 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
         self.num_valid = n_valid
         self._stride = n // n_valid if n_valid else 0
         self._slot = random.Random(seed).randrange(self._stride) if n_valid else 0
-        self._maps: dict[int, tuple[np.memmap, np.memmap]] = {}
+        self._fds: dict[Path, int] = {}
 
     def _check_index(self, b: Path, meta: dict) -> _Shard:
         num_tokens = int(meta["num_tokens"])
@@ -219,7 +225,7 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
         expected = IBIN_HEADER.size + h.num_samples * OFFSET_DTYPE.itemsize
         if ip.stat().st_size != expected or h.num_samples != num_windows(num_tokens, self.max_seq_len):
             raise PretokFormatError(f"{ip}: size {ip.stat().st_size} bytes, expected {expected}; rebuild it")
-        return _Shard(b, np.dtype(meta["dtype"]), num_tokens, h.num_samples)
+        return _Shard(b, ip, np.dtype(meta["dtype"]), num_tokens, h.num_samples)
 
     def __len__(self) -> int:
         return self.num_valid if self.split == "valid" else self.total_samples - self.num_valid
@@ -239,33 +245,47 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
             return b * s + w + (1 if w >= r else 0)
         return self.num_valid * s + (i - self.num_valid * per_block)
 
-    def _maps_for(self, f: int) -> tuple[np.memmap, np.memmap]:
-        m = self._maps.get(f)
-        if m is None:
-            sh = self._shards[f]
-            tokens = np.memmap(sh.bin_path, dtype=sh.dtype, mode="r", shape=(sh.num_tokens,))
-            offsets = np.memmap(
-                ibin_path(sh.bin_path),
-                dtype=OFFSET_DTYPE,
-                mode="r",
-                offset=IBIN_HEADER.size,
-                shape=(sh.num_samples,),
-            )
-            m = self._maps[f] = (tokens, offsets)
-        return m
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= _MAX_OPEN_FILES:
+                self._close_files()
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def _close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _pread(self, path: Path, nbytes: int, offset: int) -> bytes:
+        data = os.pread(self._fd(path), nbytes, offset)
+        if len(data) != nbytes:
+            raise PretokFormatError(f"{path}: short read of {nbytes} bytes at {offset} (file changed?)")
+        return data
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.global_index(int(i))
         f = int(np.searchsorted(self._cum, g, side="right")) - 1
-        tokens, offsets = self._maps_for(f)
-        start = int(offsets[g - self._cum[f]])
-        window = torch.from_numpy(tokens[start : start + self.max_seq_len + 1].astype(np.int64))  # (L+1,)
+        sh = self._shards[f]
+        local = g - int(self._cum[f])
+        raw = self._pread(
+            sh.ibin_path, OFFSET_DTYPE.itemsize, IBIN_HEADER.size + local * OFFSET_DTYPE.itemsize
+        )
+        start = int(np.frombuffer(raw, dtype=OFFSET_DTYPE)[0])
+        n = self.max_seq_len + 1
+        raw = self._pread(sh.bin_path, n * sh.dtype.itemsize, start * sh.dtype.itemsize)
+        window = torch.from_numpy(np.frombuffer(raw, dtype=sh.dtype).astype(np.int64))  # (L+1,)
         return window[:-1], window[1:]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_maps"] = {}  # never pickle mapped data: workers reopen their own maps
+        state["_fds"] = {}  # file descriptors are per process: workers open their own
         return state
+
+    def __del__(self):
+        if getattr(self, "_fds", None):
+            self._close_files()
 
 
 def _fingerprint_of(tokenizer) -> str | None:
