@@ -3,6 +3,8 @@ resume per rank, and resume on a different world size in both directions."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -18,7 +20,8 @@ def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
     # (1) Resume on 2 ranks from a checkpoint written by 1 process: rank 0 continues the saved RNG,
     #     rank 1 (new) is seeded from (seed, rank).
     model, opt = make(seed=50 + rank)
-    extra = CheckpointManager(single_dir, seed=SEED).load_latest(model, opt)
+    # No seed given: the run's config.json supplies it (as when the loop does not pass one).
+    extra = CheckpointManager(single_dir).load_latest(model, opt)
     from_single = {
         "extra_step": extra["step"],
         "rng_after": torch.get_rng_state(),
@@ -55,7 +58,10 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     model, opt = make()
     seed_all(rank_seed(SEED, 0))
     train_step(model, opt)
-    single_path = CheckpointManager(single_dir, seed=SEED).save(1, model, opt, {"step": 1})
+    single_dir.mkdir()
+    (single_dir / "config.json").write_text(json.dumps({"seed": SEED}))
+    single_path = CheckpointManager(single_dir).save(1, model, opt, {"step": 1})
+    assert json.loads((single_path / "manifest.json").read_text())["seed"] == SEED
     saved_params = {k: v.clone() for k, v in model.state_dict().items()}
 
     res = run_distributed(_two_rank_run, 2, str(single_dir), str(out_dir))

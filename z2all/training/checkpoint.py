@@ -304,7 +304,8 @@ class CheckpointManager:
             out_dir: the run folder; checkpoints are ``out_dir/step_<N>``.
             keep: complete checkpoints to keep (>= 1); older ones go after a new one is complete.
             seed: base seed of the run; a resume on more ranks than were saved seeds the new ranks'
-                RNG with ``rank_seed(seed, rank)``. None: the seed recorded in the checkpoint.
+                RNG with ``rank_seed(seed, rank)``. None: the checkpoint's recorded seed, else
+                ``seed`` of the run's ``out_dir/config.json``, else 0.
             verify: check every file's sha256 against the manifest before loading (sizes always).
         """
         if keep < 1:
@@ -313,6 +314,16 @@ class CheckpointManager:
         self.keep = keep
         self.seed = seed
         self.verify = verify
+
+    def _seed(self) -> int | None:
+        """The run's base seed: the constructor's, else the run config's (``out_dir/config.json``)."""
+        if self.seed is not None:
+            return self.seed
+        try:
+            seed = json.loads((self.out_dir / "config.json").read_text(encoding="utf-8")).get("seed")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -365,7 +376,7 @@ class CheckpointManager:
                 "version": FORMAT_VERSION,
                 "step": step,
                 "world_size": world,
-                "seed": self.seed,
+                "seed": self._seed(),
                 "has_optimizer": optimizer is not None,
                 "model_config": _model_config_dict(model),
                 "torch_version": torch.__version__,
@@ -489,7 +500,9 @@ class CheckpointManager:
             # This rank did not exist when the checkpoint was written: take the shared loop state
             # from rank 0 and seed this rank's RNG deterministically.
             payload = safe_torch_load(path / "rank_00000.pt")
-            seed = self.seed if self.seed is not None else (manifest.get("seed") or 0)
+            seed = self.seed if self.seed is not None else manifest.get("seed")
+            seed = self._seed() if seed is None else seed
+            seed = seed if isinstance(seed, int) else 0
             logger.warning(
                 "rank %d: %s was saved by %d ranks; seeding this rank's RNG from (seed=%d, rank=%d)",
                 rank,
