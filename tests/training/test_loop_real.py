@@ -44,23 +44,29 @@ def common(out_dir: Path, tok_dir: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def world(shared_data, tmp_path_factory):
-    """Tokenizer + a pretokenized slice of the shared Chinese corpus + a short pretrain run."""
-    torch.set_num_threads(1)
+def prepare_corpus(root: Path, shared_data: Path, n_docs: int = 600) -> tuple[Path, Path]:
+    """(tokenizer dir, pretokenized + indexed folder) from the first ``n_docs`` shared Chinese docs."""
     from data_preprocess.build_pretrain_sample_index_map import IndexConfig, build_all
     from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
 
-    root = tmp_path_factory.mktemp("real")
     tok = build_tokenizer(root / "tok", "hf_bbpe", 1000)
     corpus = root / "corpus"
     corpus.mkdir()
     with open(shared_data / "pretrain" / "zh_fortunes.jsonl", encoding="utf-8") as f:
-        lines = [next(f) for _ in range(600)]  # a slice in a temp folder, never in the repo
+        lines = [next(f) for _ in range(n_docs)]  # a slice in a temp folder, never in the repo
     (corpus / "zh.jsonl").write_text("".join(lines), encoding="utf-8")
     pretok = root / "pretok"
     pretokenize(PretokenizeConfig(data_dir=str(corpus), tokenizer_dir=str(tok), save_dir=str(pretok)))
     build_all(IndexConfig(data_dir=str(pretok), max_seq_len=SEQ))
+    return tok, pretok
+
+
+@pytest.fixture(scope="module")
+def world(shared_data, tmp_path_factory):
+    """Tokenizer + a pretokenized slice of the shared Chinese corpus + a short pretrain run."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("real")
+    tok, pretok = prepare_corpus(root, shared_data)
     cfg = common(root / "pretrain", tok, task_type="pretrain", data_dir=str(pretok), max_iters=30)
     train(cfg)
     return {"root": root, "tok": tok, "pretok": pretok, "pretrain": Path(cfg.out_dir), "shared": shared_data}

@@ -46,7 +46,10 @@ def build_tokenizer(cfg: TrainConfig):
         raise ConfigError("--tokenizer_dir is required (or an --init_from run that names its tokenizer)")
     if not Path(cfg.tokenizer_dir).is_dir():
         raise ConfigError(f"--tokenizer_dir={cfg.tokenizer_dir}: no such folder")
-    return Z2allTokenizer.from_pretrained(cfg.tokenizer_dir)
+    try:
+        return Z2allTokenizer.from_pretrained(cfg.tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--tokenizer_dir={cfg.tokenizer_dir}: {e}") from e
 
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int):
@@ -212,6 +215,8 @@ def _check_resume_tokenizer(cfg: TrainConfig, fingerprint: str) -> None:
 
 def build_components(cfg: TrainConfig, device: torch.device) -> Components:
     """Everything the loop needs; the caller has seeded every RNG identically on all ranks."""
+    if not Path(cfg.data_dir).exists():
+        raise ConfigError(f"--data_dir={cfg.data_dir}: no such file or folder")
     tok = build_tokenizer(cfg)
     fingerprint = tok.fingerprint()
     _check_resume_tokenizer(cfg, fingerprint)

@@ -1,0 +1,148 @@
+"""TrainConfig: parsing, precedence, validation and error messages that name the culprit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from z2all.training.config import ConfigError, TrainConfig, field_docs, flag_names, help_text, parse_args
+
+
+def test_defaults_and_derived_fields():
+    cfg = parse_args(["--data_dir=d", "--max_iters=40"])
+    assert cfg.data_dir == "d" and cfg.max_iters == 40
+    assert cfg.lr_decay_iters == 40  # 0 means max_iters
+    assert cfg.world_size == 1 and cfg.micro_steps_per_rank == cfg.gradient_accumulation_steps
+    assert cfg.tokens_per_step == cfg.gradient_accumulation_steps * cfg.train_batch_size * cfg.max_seq_len
+
+
+def test_types_are_converted():
+    cfg = parse_args(
+        [
+            "--data_dir=d",
+            "--learning_rate=1e-3",
+            "--bucket_size=1e6",
+            "--compile",
+            "--resume=false",
+            "--eval_interval=0",
+            "--dtype=bfloat16",
+            "--grad_reduce_in_fp32=0",
+        ]
+    )
+    assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)
+    assert cfg.bucket_size == 1_000_000 and isinstance(cfg.bucket_size, int)
+    assert cfg.compile is True and cfg.resume is False and cfg.grad_reduce_in_fp32 is False
+    assert cfg.dtype == "bfloat16" and cfg.eval_interval == 0
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--data_dir=d", "--lerning_rate=1"], "unknown flag --lerning_rate"),
+        (["--data_dir=d", "--task_type=rl"], "--task_type='rl' is not one of pretrain|sft|dpo"),
+        (["--data_dir=d", "--max_iters=ten"], "--max_iters='ten' is not an integer"),
+        (["--data_dir=d", "--max_iters=1.5"], "--max_iters='1.5' is not an integer"),
+        (["--data_dir=d", "--learning_rate=fast"], "--learning_rate='fast' is not a number"),
+        (["--data_dir=d", "--compile=maybe"], "--compile='maybe' is not a boolean"),
+        (["--data_dir=d", "--max_iters"], "flag --max_iters needs a value"),
+        (["--data_dir=d", "--max_iters=0"], "--max_iters must be > 0"),
+        (["--data_dir=d", "--min_lr=1", "--learning_rate=0.1"], "--min_lr (1.0) must not exceed"),
+        (["--data_dir=d", "--beta2=1.0"], "--beta2 must be in [0, 1)"),
+        (
+            ["--data_dir=d", "--warmup_iters=50", "--max_iters=10"],
+            "--warmup_iters (50) > --lr_decay_iters (10)",
+        ),
+        (["--data_dir=d", "--dtype=float16"], "--dtype=float16 needs --device=cuda"),
+        (["--data_dir=d", "--keep_checkpoints=1"], "--keep_checkpoints must be >= 2"),
+        (["--data_dir=d", "--overlap_optim_step"], "--overlap_optim_step needs --ddp_impl=z2all"),
+        (
+            ["--data_dir=d", "--overlap_optim_step", "--ddp_impl=z2all"],
+            "--overlap_optim_step is not supported",
+        ),
+        (["--max_iters=5"], "--data_dir is required"),
+        (["--data_dir=d", "stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_flags_name_the_flag(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    assert needle in str(e.value)
+
+
+def test_grad_accum_must_divide_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(
+        ConfigError, match=r"gradient_accumulation_steps=6 is not divisible by the world size 4"
+    ):
+        parse_args(["--data_dir=d", "--gradient_accumulation_steps=6"])
+    cfg = parse_args(["--data_dir=d", "--gradient_accumulation_steps=8"])
+    assert cfg.world_size == 4 and cfg.micro_steps_per_rank == 2
+
+
+def test_json_file_then_flags(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"data_dir": "from_file", "max_iters": 17, "learning_rate": 0.01}))
+    cfg = parse_args([str(f), "--max_iters=19"])
+    assert (cfg.data_dir, cfg.max_iters, cfg.learning_rate) == ("from_file", 19, 0.01)
+
+
+def test_json_file_errors_name_the_file(tmp_path):
+    bad_key = tmp_path / "k.json"
+    bad_key.write_text(json.dumps({"data_dir": "d", "lr": 1}))
+    with pytest.raises(ConfigError, match=rf"config file {bad_key}: unknown setting 'lr'"):
+        parse_args([str(bad_key)])
+    bad_json = tmp_path / "j.json"
+    bad_json.write_text('{"data_dir": "d",\n "max_iters": }')
+    with pytest.raises(ConfigError, match=rf"{bad_json}: invalid JSON at line 2"):
+        parse_args([str(bad_json)])
+    bad_type = tmp_path / "t.json"
+    bad_type.write_text(json.dumps({"data_dir": "d", "max_iters": "many"}))
+    with pytest.raises(ConfigError, match=rf"config file {bad_type}: --max_iters='many' is not an integer"):
+        parse_args([str(bad_type)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_args([str(tmp_path / "missing.json")])
+    arr = tmp_path / "a.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        parse_args([str(arr)])
+
+
+def test_resume_reads_saved_config_and_checks_frozen(tmp_path):
+    saved = parse_args(
+        [
+            "--data_dir=d",
+            f"--out_dir={tmp_path}",
+            "--max_iters=10",
+            "--model_config=tiny",
+            "--tokenizer_dir=tok",
+        ]
+    )
+    saved.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == saved.to_dict()
+    cfg = parse_args(["--resume", f"--out_dir={tmp_path}", "--max_iters=20"])
+    assert cfg.resume and cfg.max_iters == 20 and cfg.data_dir == "d" and cfg.tokenizer_dir == "tok"
+    assert cfg.lr_decay_iters == 10  # the saved cosine horizon is kept unless given again
+    with pytest.raises(ConfigError, match=r"--model_config='small' differs from the resumed run's 'tiny'"):
+        parse_args(["--resume", f"--out_dir={tmp_path}", "--model_config=small"])
+    # without a saved config, --resume starts from the given flags (the loop then finds no checkpoint)
+    fresh = parse_args(["--resume", f"--out_dir={tmp_path / 'new'}", "--data_dir=x"])
+    assert fresh.data_dir == "x"
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_args(["--data_dir=d", f"--out_dir={tmp_path}", "--comm_hook=powersgd", "--powersgd_rank=4"])
+    cfg.save(tmp_path)
+    again = parse_args([str(tmp_path / "config.json")])
+    assert again == cfg
+
+
+def test_every_field_is_documented_and_in_help():
+    docs = field_docs()
+    text = help_text()
+    for f in dataclasses.fields(TrainConfig):
+        assert docs.get(f.name), f"field {f.name} has no docstring"
+        if f.init:
+            assert f"--{f.name}=" in text
+    assert "world_size" not in flag_names()  # derived, not a flag

@@ -1,0 +1,134 @@
+"""train_my_ddp.py as users run it: flag snapshot, shipped configs, errors, and the real launcher.
+
+The integration test runs the real entry point on the tiny model and a pretokenized slice of the
+shared corpus: one process for 6 steps, versus torchrun with 2 ranks for steps 1..4 resumed on ONE
+process for steps 5..6 (a world-size change on resume). Every step's loss must agree to 1e-4
+(relative, fp32): 1 rank == 2 ranks, and resume continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.training.test_loop_real import prepare_corpus
+from z2all.training.config import flag_names, parse_args
+from z2all.training.metrics import read_metrics
+
+SCRIPT = str(REPO_ROOT / "train_my_ddp.py")
+
+# Renaming or removing a flag breaks users' scripts and configs: change this list consciously.
+FLAG_SNAPSHOT = [
+    "adam_eps", "backend", "beta1", "beta2", "bucket_size", "comm_hook", "compile", "data_dir", "ddp_impl",
+    "debug", "device", "dpo_beta", "dtype", "eval_interval", "eval_iters", "grad_clip", "grad_reduce_in_fp32",
+    "gradient_accumulation_steps", "init_from", "keep_checkpoints", "learning_rate", "log_interval",
+    "lr_decay_iters", "max_iters", "max_seq_len", "min_lr", "model_config", "optimizer_backend", "out_dir",
+    "overlap_grad_reduce", "overlap_optim_step", "powersgd_rank", "powersgd_start_iter", "resume", "run_name",
+    "save_interval", "seed", "sft_type", "task_type", "tokenizer_dir", "tracker", "train_batch_size",
+    "valid_ratio", "warmup_iters", "weight_decay",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO_ROOT)
+
+
+def test_flag_snapshot():
+    assert flag_names() == FLAG_SNAPSHOT
+
+
+@pytest.mark.parametrize("name", ["demo_pretrain.json", "demo_sft.json", "demo_dpo.json"])
+def test_shipped_configs_load(name):
+    path = REPO_ROOT / "configs" / name
+    cfg = parse_args([str(path), "--data_dir=somewhere"])
+    assert cfg.task_type == name.split("_")[1].split(".")[0]
+    assert set(json.loads(path.read_text())) <= set(FLAG_SNAPSHOT)
+
+
+def test_help_and_errors_from_the_command_line(tmp_path):
+    out = _run([sys.executable, SCRIPT, "--help"])
+    assert out.returncode == 0
+    for name in FLAG_SNAPSHOT:
+        assert f"--{name}=" in out.stdout
+    bad = _run([sys.executable, SCRIPT, "--data_dir=x", "--lerning_rate=1"])
+    assert bad.returncode == 2 and "unknown flag --lerning_rate" in bad.stderr
+    # a bad data folder is reported before any training starts, naming the flag
+    missing = _run(
+        [
+            sys.executable,
+            SCRIPT,
+            f"--data_dir={tmp_path / 'nope'}",
+            f"--out_dir={tmp_path / 'o'}",
+            f"--tokenizer_dir={tmp_path}",
+        ]
+    )
+    assert missing.returncode != 0
+    assert "error: --data_dir=" in missing.stderr and "Traceback" not in missing.stderr
+    no_tok = _run(
+        [
+            sys.executable,
+            SCRIPT,
+            f"--data_dir={tmp_path}",
+            f"--out_dir={tmp_path / 'o'}",
+            f"--tokenizer_dir={tmp_path}",
+        ]
+    )
+    assert no_tok.returncode == 2 and "error: --tokenizer_dir=" in no_tok.stderr, no_tok.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(shared_data, tmp_path):
+    tok, pretok = prepare_corpus(tmp_path, shared_data, n_docs=300)
+    flags = [
+        f"--data_dir={pretok}",
+        f"--tokenizer_dir={tok}",
+        "--model_config=tiny",
+        "--max_seq_len=64",
+        "--train_batch_size=2",
+        "--gradient_accumulation_steps=2",
+        "--learning_rate=3e-3",
+        "--min_lr=3e-4",
+        "--warmup_iters=1",
+        "--lr_decay_iters=6",
+        "--eval_interval=3",
+        "--eval_iters=2",
+        "--log_interval=1",
+        "--seed=5",
+        "--valid_ratio=0.05",
+    ]
+    one = tmp_path / "one"
+    r = _run([sys.executable, SCRIPT, *flags, f"--out_dir={one}", "--max_iters=6", "--save_interval=0"])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    r = _run([*torchrun, *flags, f"--out_dir={two}", "--max_iters=4", "--save_interval=2"])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    assert json.loads((two / "run_info.json").read_text())["world_size"] == 2
+    assert "step 4/4" in r.stdout  # the console line, from rank 0 only
+    assert r.stdout.count("step 4/4") == 1
+    r = _run([sys.executable, SCRIPT, "--resume", f"--out_dir={two}", "--max_iters=6"])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+
+    ref, got = read_metrics(one), read_metrics(two)
+    assert [x["step"] for x in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+        assert b["tokens"] == a["tokens"]
+        if "val_loss" in a:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert got[0]["comm_bytes"] > 0 and got[-1]["comm_bytes"] == 0  # 2 ranks sync; 1 rank does not
+    saved = json.loads((two / "config.json").read_text())
+    assert saved["max_iters"] == 6 and saved["resume"] is True
