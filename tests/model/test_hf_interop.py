@@ -38,12 +38,20 @@ def test_logits_and_loss_match_transformers(tied, kv_heads):
     assert abs(ours.loss.item() - ref.loss.item()) <= 1e-5
 
 
-def test_gradients_match_transformers():
-    model = tiny_model()
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("return_logits", [True, False])  # False: the fused linear-CE path
+def test_loss_and_gradients_match_transformers(return_logits, tied):
+    model = tiny_model(tie_word_embeddings=tied)
     hf = hf_twin(model)
     ids = _ids()
-    model(ids, labels=ids).loss.backward()
-    hf(input_ids=ids, labels=ids).loss.backward()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, labels=labels, return_logits=return_logits)
+    ref = hf(input_ids=ids, labels=labels)
+    assert (out.logits is None) is (not return_logits)
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
+    out.loss.backward()
+    ref.loss.backward()
     hf_params = dict(hf.named_parameters())
     for name, p in model.named_parameters():
         diff = (p.grad - hf_params[name].grad).abs().max().item()

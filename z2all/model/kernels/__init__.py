@@ -6,10 +6,15 @@
 | rms_norm      | apex -> flash_attn -> liger -> torch (F.rms_norm) -> eager         |
 | rotary        | flash_attn -> liger -> eager                                       |
 | swiglu        | xformers -> liger -> eager                                         |
-| cross_entropy | liger_fused_linear -> flash_attn -> liger -> torch -> eager        |
+| cross_entropy | liger_fused_linear -> torch_chunked -> flash_attn -> liger -> torch |
+|               | -> eager  (the first two only for loss-only calls, see below)     |
 
-GPU backends count as available only when their library imports AND CUDA is present. Force one:
-per model with ``Z2allConfig(kernels={"attention": "eager"})``, or process-wide with
+cross_entropy computes the LM head and the loss together. ``forward(..., return_logits=False)``
+lets a fused-linear backend skip the (N, vocab) logits; calls that want logits fall through (logged
+once) to the first backend that returns them.
+
+GPU backends count as available only when their library imports AND CUDA is present. Force one per
+model with ``Z2allConfig(kernels={"attention": "eager"})``, or process-wide with
 ``set_backend("attention", "eager")`` (a config entry wins over the process-wide one). Forcing an
 unavailable backend is a ``ValueError``; everything else degrades silently to the next backend.
 """

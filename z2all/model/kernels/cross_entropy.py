@@ -1,4 +1,8 @@
-"""LM head + next-token cross entropy: liger fused linear CE / flash-attn / liger -> torch -> eager.
+"""LM head + next-token cross entropy.
+
+Backends: liger fused linear CE -> torch_chunked (fused linear CE in torch ops) -> flash-attn ->
+liger -> torch -> eager. The two fused-linear backends serve loss-only calls; calls that also want
+the logits fall through to the next backend that returns them.
 
 Signature shared by every backend::
 
@@ -6,8 +10,8 @@ Signature shared by every backend::
     hidden: (N, hidden)   weight: (vocab, hidden)   targets: (N,) int64, -100 = ignored
     loss: fp32 scalar, mean over targets != -100      logits: (N, vocab) in hidden's dtype
 
-The fused-linear backend never materialises the (N, vocab) logits (the largest activation of a small
-model); it is used only when the caller does not ask for logits, otherwise the chain falls back.
+The fused-linear backends never materialise the (N, vocab) logits (the largest activation of a small
+model); they are used only when the caller does not ask for logits, otherwise the chain falls back.
 Logits are upcast to fp32 for the loss as transformers does.
 """
 
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from z2all.model.kernels._registry import Backend, KernelOp, autocast_dtype, cuda_available, try_import
+from z2all.model.kernels.chunked_ce import chunked_linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -71,6 +76,18 @@ def flash_lm_head_loss(hidden, weight, targets, need_logits=True):
     return _flash_ce()(logits.float(), targets), logits
 
 
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: ~2M logits (8 MiB fp32, cache-sized) on CPU, ~16M on GPUs."""
+    budget = 2**24 if device.type == "cuda" else 2**21
+    return max(32, min(8192, budget // vocab))
+
+
+def chunked_lm_head_loss(hidden, weight, targets, need_logits=False):
+    return chunked_linear_cross_entropy(
+        hidden, weight, targets, chunk_rows(weight.shape[0], hidden.device)
+    ), None
+
+
 def _lib(name: str):
     return lambda: cuda_available() and try_import(name) is not None
 
@@ -83,6 +100,12 @@ CROSS_ENTROPY = KernelOp(
             liger_fused_linear_loss,
             _lib("liger_kernel.transformers.fused_linear_cross_entropy"),
             lambda hidden, weight, targets, need_logits=True: hidden.is_cuda and not need_logits,
+        ),
+        Backend(
+            "torch_chunked",
+            chunked_lm_head_loss,
+            lambda: True,
+            lambda hidden, weight, targets, need_logits=True: not need_logits,
         ),
         Backend(
             "flash_attn",

@@ -1,0 +1,77 @@
+"""Fused linear + cross entropy in plain PyTorch, chunked over tokens (no full logits kept).
+
+The usual path materialises the (N, V) logits, a log-softmax copy of them, and in backward two more
+(N, V) gradients. Here the loss and both input gradients are produced in one pass over chunks of
+``chunk`` tokens, inside the forward:
+
+    for each chunk of rows:          logits_c = h_c W^T                      (c, V), fp32
+        loss      += sum(logsumexp(logits_c) - logits_c[target])   over valid rows
+        dlogits_c  = (softmax(logits_c) - onehot(target)) * valid / n_valid   (in place)
+        grad_h[c]  = dlogits_c W          grad_W += dlogits_c^T h_c
+
+and backward only scales the stored gradients by the incoming scalar. Same three matmuls as the
+unfused path, but the (N, V) buffers shrink to (chunk, V). The same idea as liger-kernel's fused
+linear cross entropy, written with torch ops so it runs anywhere. Only for callers that need the
+loss and not the logits (``forward(..., return_logits=False)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from z2all.model.kernels._registry import autocast_dtype
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        # hidden (N, h), weight (V, h), targets (N,)
+        compute_dtype = autocast_dtype(hidden)  # what the lm_head matmul would use
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_gh else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_gw else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = (h[start:end] @ w.t()).float()  # (c, V)
+            t = targets[start:end]
+            v = valid[start:end]
+            rows = torch.arange(end - start, device=hidden.device)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            picked = logits[rows, t.clamp(min=0)]
+            loss += ((lse - picked) * v).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # softmax in place, minus the one-hot target, scaled by validity / n_valid
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[rows, t.clamp(min=0)] -= 1.0
+            probs.mul_((v.float() / n_valid)[:, None])
+            p = probs.to(compute_dtype)
+            if grad_h is not None:
+                grad_h[start:end] = (p @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(p.t().float(), h[start:end].float())
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0),
+            grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
+        )
+        ctx.has = (grad_h is not None, grad_w is not None)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.has[0] else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if ctx.has[1] else None
+        return gh, gw, None, None
+
+
+def chunked_linear_cross_entropy(hidden, weight, targets, chunk: int = 1024) -> torch.Tensor:
+    """Mean CE of ``hidden @ weight.T`` against ``targets`` (-100 ignored); fp32 scalar."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
