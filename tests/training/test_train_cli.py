@@ -8,6 +8,7 @@ process for steps 5..6 (a world-size change on resume). Every step's loss must a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.training.test_loop_real import prepare_corpus
+from z2all.training import train
 from z2all.training.config import flag_names, parse_args
 from z2all.training.metrics import read_metrics
 
@@ -57,35 +59,29 @@ def test_shipped_configs_load(name):
     assert set(json.loads(path.read_text())) <= set(FLAG_SNAPSHOT)
 
 
-def test_help_and_errors_from_the_command_line(tmp_path):
-    out = _run([sys.executable, SCRIPT, "--help"])
-    assert out.returncode == 0
+def _load_entry_point():
+    spec = importlib.util.spec_from_file_location("train_my_ddp", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_help_and_errors_from_the_command_line(tmp_path, capsys):
+    entry = _load_entry_point()  # the real script, called in-process (a subprocess costs a torch import)
+    assert entry.main(["--help"]) == 0
+    out = capsys.readouterr().out
     for name in FLAG_SNAPSHOT:
-        assert f"--{name}=" in out.stdout
-    bad = _run([sys.executable, SCRIPT, "--data_dir=x", "--lerning_rate=1"])
-    assert bad.returncode == 2 and "unknown flag --lerning_rate" in bad.stderr
-    # a bad data folder is reported before any training starts, naming the flag
-    missing = _run(
-        [
-            sys.executable,
-            SCRIPT,
-            f"--data_dir={tmp_path / 'nope'}",
-            f"--out_dir={tmp_path / 'o'}",
-            f"--tokenizer_dir={tmp_path}",
-        ]
-    )
-    assert missing.returncode != 0
-    assert "error: --data_dir=" in missing.stderr and "Traceback" not in missing.stderr
-    no_tok = _run(
-        [
-            sys.executable,
-            SCRIPT,
-            f"--data_dir={tmp_path}",
-            f"--out_dir={tmp_path / 'o'}",
-            f"--tokenizer_dir={tmp_path}",
-        ]
-    )
-    assert no_tok.returncode == 2 and "error: --tokenizer_dir=" in no_tok.stderr, no_tok.stderr
+        assert f"--{name}=" in out
+    assert entry.main(["--data_dir=x", "--lerning_rate=1"]) == 2
+    assert "error: unknown flag --lerning_rate" in capsys.readouterr().err
+    # a bad data folder or tokenizer is reported before any training starts, naming the flag
+    o = f"--out_dir={tmp_path / 'o'}"
+    assert entry.main([f"--data_dir={tmp_path / 'nope'}", o, f"--tokenizer_dir={tmp_path}"]) == 2
+    assert "error: --data_dir=" in capsys.readouterr().err
+    assert entry.main([f"--data_dir={tmp_path}", o, f"--tokenizer_dir={tmp_path}"]) == 2
+    assert "error: --tokenizer_dir=" in capsys.readouterr().err
+    assert entry.main([f"--data_dir={tmp_path}", o]) == 2
+    assert "error: --tokenizer_dir is required" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -109,8 +105,9 @@ def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(shared_data, tmp_
         "--valid_ratio=0.05",
     ]
     one = tmp_path / "one"
-    r = _run([sys.executable, SCRIPT, *flags, f"--out_dir={one}", "--max_iters=6", "--save_interval=0"])
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    train(
+        parse_args([*flags, f"--out_dir={one}", "--max_iters=6", "--save_interval=0"])
+    )  # reference, in-process
 
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
