@@ -299,3 +299,17 @@ def test_real_model_tied_embeddings_round_trip(tmp_path):
     assert CheckpointManager(tmp_path).load_latest(model2, opt2) == {"step": 1}
     assert model2.lm_head.weight is model2.model.embed_tokens.weight  # still tied after the load
     assert [step(model2, opt2) for _ in range(2)] == expected
+
+
+def test_save_before_first_step_leaves_optimizer_fresh(tmp_path):
+    """Saving at step 0 must not create AdamW state (a zero-lr step would shift its bias correction)."""
+    model, opt = make()
+    seed_all(4)
+    CheckpointManager(tmp_path).save(0, model, opt, {"step": 0})
+    assert not opt.state
+    expected = [train_step(model, opt) for _ in range(2)]
+    model2, opt2 = make(seed=9)
+    train_step(model2, opt2)  # an optimizer with state: loading the fresh checkpoint clears it
+    assert CheckpointManager(tmp_path).load_latest(model2, opt2) == {"step": 0}
+    assert not opt2.state
+    assert [train_step(model2, opt2) for _ in range(2)] == expected

@@ -356,7 +356,10 @@ class CheckpointManager:
 
         t0 = time.perf_counter()
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        if optimizer is not None:
+        # An optimizer that never stepped has no state, and get_optimizer_state_dict would create
+        # it by a zero-lr step (bumping AdamW's step count): record "fresh" instead.
+        optim_fresh = optimizer is not None and not optimizer.state
+        if optimizer is not None and not optim_fresh:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
         # Collective when a process group exists: replicated tensors are written by one rank only.
         writer = FileSystemWriter(tmp / DCP_DIR, sync_files=True)
@@ -378,6 +381,7 @@ class CheckpointManager:
                 "world_size": world,
                 "seed": self._seed(),
                 "has_optimizer": optimizer is not None,
+                "optimizer_fresh": optim_fresh,
                 "model_config": _model_config_dict(model),
                 "torch_version": torch.__version__,
                 "created_unix": time.time(),
@@ -491,7 +495,11 @@ class CheckpointManager:
             raise CheckpointMismatchError(
                 f"{path}: saved without optimizer state, cannot resume the optimizer"
             )
-        _load_dcp(path, model, optimizer, no_dist=not _dist_on())
+        if optimizer is not None and manifest.get("optimizer_fresh"):
+            _load_dcp(path, model, None, no_dist=not _dist_on())
+            optimizer.state.clear()  # saved before its first step: it had no state
+        else:
+            _load_dcp(path, model, optimizer, no_dist=not _dist_on())
         own = path / f"rank_{rank:05d}.pt"
         if own.is_file():
             payload = safe_torch_load(own)
