@@ -11,6 +11,12 @@ Invariants a hook may rely on when it is called:
   * for buckets whose grad dtype equals the param dtype, each ``param.grad`` already is the view
     ``gradients()[i]`` into the DDP's grad buffer, so an in-place reduction into ``buffer()`` is
     visible through ``param.grad`` inside a ``fut.then(...)`` callback.
+
+And one rule a hook must keep: issue every collective from the hook call itself (the DDP's thread),
+never from a ``fut.then`` callback. The DDP calls hooks in the same bucket order on every rank, so
+collectives issued inline are paired correctly; gloo runs callbacks on its worker threads, so a
+collective launched there can interleave differently with the next bucket's on another rank (torch's
+``powerSGD_hook`` does this for its Q all-reduce: safe with one bucket or with NCCL, not in general).
 """
 
 from __future__ import annotations
