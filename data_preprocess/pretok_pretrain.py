@@ -112,8 +112,6 @@ _DTYPE: np.dtype | None = None
 
 def _init_worker(tokenizer_dir: str, dtype: str) -> None:
     global _TOKENIZER, _DTYPE
-    # One process per core already: keep HF tokenizers' Rust thread pool from oversubscribing.
-    os.environ["RAYON_NUM_THREADS"] = "1"
     _TOKENIZER = Z2allTokenizer.from_pretrained(tokenizer_dir)
     _DTYPE = np.dtype(dtype)
 
@@ -150,6 +148,24 @@ def _tasks(todo: list[tuple[Path, Path]], cfg: PretokenizeConfig, stats: list[Re
         if chunk:
             yield k, chunk
         yield k, None
+
+
+def _start_pool(workers: int, tokenizer_dir: str, dtype: np.dtype):
+    """A pool of ``workers`` tokenizer processes, each single-threaded (one process per core already).
+
+    TOKENIZERS_PARALLELISM=false is set only while forking: the children inherit it (no Rust thread
+    pool per child, and no "forked after parallelism was used" warning); this process keeps its setting.
+    """
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, dtype.str))
+    finally:
+        if old is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 class _BinWriter:
@@ -202,21 +218,23 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
     t0 = time.perf_counter()
     writers: dict[int, _BinWriter] = {}
     total_tokens = 0
-    workers = min(cfg.num_workers, max(1, len(todo) * 64))
+    workers = cfg.num_workers if todo else 1
     pool = None
     if workers > 1:
-        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
-            workers, initializer=_init_worker, initargs=(cfg.tokenizer_dir, dtype.str)
-        )
+        pool = _start_pool(workers, cfg.tokenizer_dir, dtype)
+        # The reader runs in the pool's task-feeding thread; an error there (DataFileError) is
+        # re-raised here by imap at the position it happened.
         results_iter = pool.imap(_encode_chunk, _tasks(todo, cfg, stats), chunksize=1)
-    else:
+    else:  # encode in this process (HF tokenizers still multithreads inside encode_batch)
         _init_worker(cfg.tokenizer_dir, dtype.str)
         results_iter = map(_encode_chunk, _tasks(todo, cfg, stats))
     bar = tqdm(total=sum(os.path.getsize(s) for s, _ in todo), unit="B", unit_scale=True, desc="pretokenize")
     try:
         for k, arr, ndocs in results_iter:
             src, out = todo[k]
-            w = writers.get(k) or writers.setdefault(k, _BinWriter(out))
+            if k not in writers:
+                writers[k] = _BinWriter(out)
+            w = writers[k]
             if arr is not None:
                 w.write(arr, ndocs)
                 bar.set_postfix(tokens=total_tokens + w.num_tokens, refresh=False)

@@ -218,3 +218,10 @@ def test_shared_pretrain_corpora_read_cleanly(shared_data):
     zh = list(iter_documents(shared_data / "pretrain" / "zh_fortunes.jsonl"))
     part = list(iter_documents(shared_data / "pretrain" / "zh_fortunes_part.parquet"))
     assert part == zh[:2000]
+
+
+def test_jsonl_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _j({"text": "first"}) + b"\n" + _j({"text": "second"}) + b"\n")
+    stats = ReadStats()
+    assert list(iter_documents(path, stats=stats)) == ["first", "second"] and stats.num_bad == 0

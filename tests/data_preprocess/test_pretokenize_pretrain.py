@@ -14,7 +14,7 @@ import data_preprocess.pretok_pretrain as pp
 from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
 from tests.data.conftest import write_small_corpus
 from z2all.data.pretrain_dataset import PretokFormatError, read_sidecar, token_dtype
-from z2all.data.readers import ReadStats, iter_documents, list_data_files
+from z2all.data.readers import DataFileError, ReadStats, iter_documents, list_data_files
 
 
 def _expected_stream(src, tok) -> np.ndarray:
@@ -185,3 +185,18 @@ def test_shared_parquet_with_worker_pool_matches_direct_encoding(
     assert r.num_documents == 2000
     tokens = np.fromfile(r.bin_path, dtype=np.uint16).astype(np.int64)
     np.testing.assert_array_equal(tokens, _expected_stream(src, tiny_tokenizer))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_file_stops_the_run_naming_it_after_finishing_earlier_files(
+    tmp_path, tiny_tokenizer_dir, workers
+):
+    data = write_small_corpus(tmp_path / "data")
+    (data / "e.parquet").write_bytes(b"this is not a parquet file")
+    out = tmp_path / "out"
+    with pytest.raises(DataFileError, match="e.parquet"):
+        pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=workers))
+    for name in ("a.bin", "b.bin", "d.bin"):  # files before it in order are complete
+        read_sidecar(out / name)
+    assert not (out / "e.bin").exists() and not (out / "sub").exists()
+    assert not [p for p in out.rglob(".*tmp*")], "temp files left behind"

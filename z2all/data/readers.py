@@ -197,7 +197,7 @@ def _iter_jsonl(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
             if not raw.strip():
                 continue  # blank lines separate nothing and hold nothing
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
             except UnicodeDecodeError as e:
                 stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
                 continue

@@ -12,7 +12,7 @@ The rule (docs/architecture.md, docs/data.md):
 
 So a step's set of samples depends only on (seed, N, B, G, step): the training loop saves just ``step``,
 and resuming on another world size continues with exactly the samples it would have seen.
-Memory: one permutation of N indices (4 bytes each when N < 2**32), cached for the current epoch.
+Memory: the permutations of at most two epochs (4 bytes per sample when N < 2**32).
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ class GlobalBatchSampler:
         self.shuffle = shuffle
         self.micro_steps_per_rank = grad_accum_global // world_size
         self.micro_batches_per_epoch = num_samples // micro_batch_size  # M
-        self._epoch = -1
-        self._order: np.ndarray | None = None
+        self._orders: dict[int, np.ndarray] = {}  # the last two epochs: a step may straddle two
 
     @property
     def samples_per_step(self) -> int:
@@ -76,15 +75,18 @@ class GlobalBatchSampler:
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch``: (N,) permutation, a pure function of (seed + epoch, N)."""
-        if epoch != self._epoch:
+        order = self._orders.get(epoch)
+        if order is None:
             n = self.num_samples
             dtype = np.uint32 if n < 2**32 else np.uint64
             if self.shuffle:
-                self._order = np.random.default_rng(self.seed + epoch).permutation(n).astype(dtype)
+                order = np.random.default_rng(self.seed + epoch).permutation(n).astype(dtype)
             else:
-                self._order = np.arange(n, dtype=dtype)
-            self._epoch = epoch
-        return self._order
+                order = np.arange(n, dtype=dtype)
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = order
+        return order
 
     def global_micro_batch(self, m: int) -> list[int]:
         """Samples of global micro-batch ``m`` (counted from the start of training)."""
