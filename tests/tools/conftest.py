@@ -8,6 +8,7 @@ a ``metrics.jsonl``. Tests must not modify it (copy it first).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from tests.data.conftest import tiny_tokenizer_dir  # noqa: F401  (session fixtu
 from z2all.model import Z2allForCausalLM, get_preset
 from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint import CheckpointManager
+
+
+@pytest.fixture
+def caplog(caplog, monkeypatch):
+    """caplog that also sees z2all's records after an entry point's setup_logging() (which turns
+    propagation to the root logger off) ran earlier in the same process."""
+    monkeypatch.setattr(logging.getLogger("z2all"), "propagate", True)
+    return caplog
 
 
 @dataclass

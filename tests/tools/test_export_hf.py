@@ -44,8 +44,11 @@ def test_export_loads_in_transformers_with_equal_logits(tiny_run, tmp_path):
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
-    # ... and the exported folder is itself a valid --init_from / --out_dir for z2all.
-    back, _ = load_model_from_dir(save_dir)
+    # ... and the exported folder is itself a valid --init_from / --out_dir for z2all and sample.
+    from z2all.sample import load_for_sampling
+
+    back, back_tok = load_for_sampling(save_dir)
+    assert back_tok.encode(TEXTS[1]) == tok.encode(TEXTS[1])
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=1e-6)
 
@@ -63,3 +66,36 @@ def test_export_bf16_and_errors(tiny_run, tmp_path):
         export_hf(tiny_run.run_dir, tmp_path / "x", dtype="float8")
     with pytest.raises(FileNotFoundError, match="neither a z2all run folder"):
         load_model_from_dir(tmp_path / "empty")
+
+
+def test_load_model_from_dir_falls_back_and_reads_run_config(tiny_run, tmp_path, caplog):
+    import json
+    import shutil
+
+    from z2all.training.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    newer, _ = load_model_from_dir(run)
+    with torch.no_grad():
+        newer.lm_head.weight.add_(1.0)  # tied: changes the embedding too
+    CheckpointManager(run).save(3, newer, None, {"step": 3})
+    assert torch.equal(load_model_from_dir(run)[0].lm_head.weight, newer.lm_head.weight)
+
+    data = next((run / "step_000003" / "state").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])  # truncated newest: warning, previous checkpoint
+    with caplog.at_level("WARNING", logger="z2all"):
+        model, _ = load_model_from_dir(run)
+    assert torch.equal(model.lm_head.weight, tiny_run.model.lm_head.weight)
+    assert any("step_000003" in r.getMessage() for r in caplog.records)
+
+    # A manifest without model_config: the run config's resolved "model" dict is used instead.
+    manifest_path = run / "step_000002" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    cfg_dict = manifest.pop("model_config")
+    manifest_path.write_text(json.dumps(manifest))
+    run_cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**run_cfg, "model": cfg_dict}))
+    model, cfg = load_model_from_dir(run / "step_000002")
+    assert cfg == tiny_run.model.config
+    assert torch.equal(model.lm_head.weight, tiny_run.model.lm_head.weight)

@@ -65,6 +65,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
     return loss.item()
 
 
+@pytest.fixture
+def caplog(caplog, monkeypatch):
+    """caplog that also sees z2all's records after an entry point's setup_logging() (which turns
+    propagation to the root logger off) ran earlier in the same process."""
+    monkeypatch.setattr(logging.getLogger("z2all"), "propagate", True)
+    return caplog
+
+
 def make(seed: int = 0, cfg: TinyConfig | None = None) -> tuple[Tiny, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = Tiny(cfg)
