@@ -100,11 +100,17 @@ class OptimizerOverlapState:
         opt = self.optimizers.get(index)
         if opt is None:
             params = bucket.parameters()
-            names = bucket.param_names() if hasattr(bucket, "param_names") else [str(i) for i in range(len(params))]
+            names = (
+                bucket.param_names()
+                if hasattr(bucket, "param_names")
+                else [str(i) for i in range(len(params))]
+            )
             opt = self.optimizers[index] = self.make_optimizer(list(zip(names, params)))
             if index in self._pending_state:
                 opt.load_state_dict(self._pending_state.pop(index))
-            logger.info("overlapped optimizer for bucket %d: %d params (%s ...)", index, len(params), names[:2])
+            logger.info(
+                "overlapped optimizer for bucket %d: %d params (%s ...)", index, len(params), names[:2]
+            )
         return opt
 
 
@@ -127,7 +133,7 @@ def _expose_reduced_grads(bucket: Any, reduced: torch.Tensor) -> None:
 def optimizer_overlap_hook(state: OptimizerOverlapState, bucket: Any) -> torch.futures.Future:
     """Comm hook: reduce ``bucket`` with ``state.hook``, then step the optimizer of its parameters.
 
-    ``ddp.register_comm_hook(OptimizerOverlapState(allreduce_hook, None, make_adamw), optimizer_overlap_hook)``
+    ``ddp.register_comm_hook(OptimizerOverlapState(allreduce_hook, None, make), optimizer_overlap_hook)``
     The returned Future completes after the step; its value is the reduced bucket, as for any hook.
     """
     opt = state._optimizer_for(bucket)  # built on the calling thread, before any callback runs

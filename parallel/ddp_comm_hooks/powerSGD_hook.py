@@ -183,7 +183,9 @@ class PowerSGDState:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         saved = PowerSGDConfig(**sd["config"])
         if asdict(saved) != asdict(self.config):
-            raise ValueError(f"PowerSGD state was saved with config {asdict(saved)}, this run has {asdict(self.config)}")
+            raise ValueError(
+                f"PowerSGD state was saved with config {asdict(saved)}, this run has {asdict(self.config)}"
+            )
         self.iter = int(sd["iter"])
         self._rng = np.random.RandomState(self.config.random_seed)
         self._seed_draws = 0
@@ -235,7 +237,7 @@ def _orthogonalize(matrices: torch.Tensor, epsilon: float) -> None:
 
 
 def _allreduce_average(group: dist.ProcessGroup, bucket: Any) -> torch.futures.Future:
-    """Plain averaged all-reduce of the whole bucket (pre-divided: gloo has no AVG), like torch's allreduce_hook."""
+    """Averaged all-reduce of the whole bucket, pre-divided (gloo has no AVG), as torch's allreduce_hook."""
     buffer = bucket.buffer()
     bucket.record_comm_bytes(buffer.numel() * buffer.element_size())
     buffer.div_(dist.get_world_size(group))
@@ -370,7 +372,8 @@ def _powerSGD_round(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
 def powerSGD_hook(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
     """Comm hook: average ``bucket`` over the group with PowerSGD; the Future's value is ``bucket.buffer()``.
 
-    ``ddp.register_comm_hook(PowerSGDState(group, PowerSGDConfig(matrix_approximation_rank=4)), powerSGD_hook)``
+    ``ddp.register_comm_hook(PowerSGDState(None, PowerSGDConfig(matrix_approximation_rank=4)),
+    powerSGD_hook)``
     """
     if state.config.use_side_stream:
         return run_hook_on_side_stream(_powerSGD_round, state, bucket)

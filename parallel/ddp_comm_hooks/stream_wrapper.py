@@ -87,7 +87,7 @@ def run_hook_on_side_stream(
 
 
 def side_stream_hook(hook: Hook) -> Hook:
-    """Wrap ``hook`` so that on CUDA it runs on the shared side stream: ``register_comm_hook(s, side_stream_hook(h))``."""
+    """Wrap ``hook`` to run on the side stream on CUDA: ``register_comm_hook(s, side_stream_hook(h))``."""
 
     def wrapped(state: Any, bucket: Any) -> torch.futures.Future:
         return run_hook_on_side_stream(hook, state, bucket)

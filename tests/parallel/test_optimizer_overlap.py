@@ -81,21 +81,35 @@ def _overlap_vs_reference(rank: int, world_size: int, use_powersgd: bool) -> dic
     return {"diff": diff, "moved": moved, "steps": dict(state.steps), "n_buckets": len(ddp.buckets)}
 
 
-def test_overlapped_adamw_equals_adamw_after_torch_ddp_sync():
+def _all_cases(rank: int, world_size: int) -> dict:
+    return {
+        "allreduce": _overlap_vs_reference(rank, world_size, False),
+        "powersgd": _overlap_vs_reference(rank, world_size, True),
+        "state_dict": _state_dict_round_trip(rank, world_size),
+    }
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    """One 2-rank job runs every case of this module (process start-up dominates the runtime)."""
+    return run_distributed(_all_cases, 2)
+
+
+def test_overlapped_adamw_equals_adamw_after_torch_ddp_sync(results):
     """Measured: max |param difference| = 0.0 after 4 steps (bit-for-bit); asserted <= 1e-6."""
-    for r in run_distributed(_overlap_vs_reference, 2, False):
+    for r in (res["allreduce"] for res in results):
         assert r["n_buckets"] >= 3, r
         assert r["steps"] == {i: STEPS for i in range(r["n_buckets"])}, r
         assert r["moved"] > 1e-3, r  # the parameters really were updated
         assert r["diff"] <= 1e-6, r
 
 
-def test_overlapped_adamw_on_top_of_powersgd_equals_sync_then_step():
+def test_overlapped_adamw_on_top_of_powersgd_equals_sync_then_step(results):
     """Overlap wraps any hook: per-bucket PowerSGD + per-bucket AdamW vs PowerSGD sync, then one AdamW.
 
     4 steps with start_powerSGD_iter=2 (2 plain, 2 compressed). Measured: 0.0; asserted <= 1e-6.
     """
-    for r in run_distributed(_overlap_vs_reference, 2, True):
+    for r in (res["powersgd"] for res in results):
         assert r["steps"] == {i: STEPS for i in range(r["n_buckets"])}, r
         assert r["moved"] > 1e-3, r
         assert r["diff"] <= 1e-6, r
@@ -108,10 +122,12 @@ def test_global_clipping_is_refused():
     OptimizerOverlapState(allreduce_hook, None, make_adamw, max_grad_norm=0.0)
 
 
-def _single_rank_dtype_and_state(rank: int, world_size: int) -> dict:
+def _state_dict_round_trip(rank: int, world_size: int) -> dict:
     """State dict round trip: a fresh state loaded from a saved one continues identically."""
     model = make_model()
-    ddp = DistributedDataParallel(DistributedDataParallelConfig(bucket_size=300, first_bucket_size=100), model)
+    ddp = DistributedDataParallel(
+        DistributedDataParallelConfig(bucket_size=300, first_bucket_size=100), model
+    )
     state = OptimizerOverlapState(allreduce_hook, DefaultHookState(), make_adamw)
     ddp.register_comm_hook(state, optimizer_overlap_hook)
     x, y = batch(rank, 0)
@@ -127,6 +143,6 @@ def _single_rank_dtype_and_state(rank: int, world_size: int) -> dict:
     return {"pending": sorted(fresh._pending_state), "saved": sorted(saved), "world": dist.get_world_size()}
 
 
-def test_state_dict_is_deferred_until_bucket_optimizers_exist():
-    r = run_distributed(_single_rank_dtype_and_state, 1)[0]
+def test_state_dict_is_deferred_until_bucket_optimizers_exist(results):
+    r = results[0]["state_dict"]
     assert r["pending"] == r["saved"] and len(r["saved"]) >= 3

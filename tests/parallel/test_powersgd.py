@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
@@ -143,12 +144,22 @@ def _compare_with_torch(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_powersgd_matches_torch_reference_hook():
+def _all_cases(rank: int, world_size: int) -> dict:
+    return {"torch": _compare_with_torch(rank, world_size), "tiny": _tiny_bytes(rank, world_size, 4)}
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    """One 2-rank job runs every case of this module (process start-up dominates the runtime)."""
+    return run_distributed(_all_cases, 2)
+
+
+def test_powersgd_matches_torch_reference_hook(results):
     """4 configs x 5 iterations x 2 buckets on 2 ranks, across the switch-over at start_powerSGD_iter.
 
     Measured: bit-for-bit equal (relative difference 0.0) in fp32; the bound asserted is 1e-6.
     """
-    results = run_distributed(_compare_with_torch, 2)
+    results = [res["torch"] for res in results]
     for r in results:
         assert r["grad_rel"] <= 1e-6, r
         assert r["state_rel"] <= 1e-6, r
@@ -196,8 +207,8 @@ def _tiny_bytes(rank: int, world_size: int, rank_r: int) -> tuple[int, int]:
     return sent[0], sent[1]
 
 
-def test_powersgd_rank4_sends_at_most_10_percent_of_allreduce_on_tiny_llama():
-    allreduce_bytes, psgd_bytes = run_distributed(_tiny_bytes, 2, 4)[0]
+def test_powersgd_rank4_sends_at_most_10_percent_of_allreduce_on_tiny_llama(results):
+    allreduce_bytes, psgd_bytes = results[0]["tiny"]
     numel = sum(math.prod(s) for _, s in tiny_llama_shapes())
     assert allreduce_bytes == (numel + PAD) * 4
     ratio = psgd_bytes / allreduce_bytes
@@ -205,8 +216,6 @@ def test_powersgd_rank4_sends_at_most_10_percent_of_allreduce_on_tiny_llama():
 
 
 def test_config_rejects_bad_values():
-    import pytest
-
     with pytest.raises(ValueError, match="matrix_approximation_rank"):
         PowerSGDConfig(matrix_approximation_rank=0)
     with pytest.raises(ValueError, match="min_compression_rate"):
