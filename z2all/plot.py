@@ -8,11 +8,14 @@ one panel per metric (loss, val_loss, lr, grad_norm, tokens_per_s; any other num
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+
+from z2all.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +98,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, met
     out = Path(out) if out else Path(run_dirs[0]) / "metrics.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Render to memory, then write atomically: a half-written PNG never appears under `out`.
-    import io
-
-    from z2all.atomic import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
