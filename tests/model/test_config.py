@@ -144,3 +144,17 @@ def test_peak_flops_lookup():
     assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_for("NVIDIA A10G") == 70e12
     assert peak_flops_for("Some CPU") is None
+
+
+def test_model_pickles_and_deepcopies():
+    """Spawned ranks receive models by pickle; kernels re-resolve by name on the other side."""
+    import copy
+    import pickle
+
+    model = tiny_model(kernels={"rms_norm": "eager"})
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert clone.kernel_backends == model.kernel_backends
+            assert torch.equal(clone(ids).logits, ref)

@@ -94,6 +94,19 @@ class ResolvedKernel:
     def __repr__(self) -> str:
         return f"ResolvedKernel({self.op}={self.name})"
 
+    def __reduce__(self):
+        # Backends hold lambdas, which do not pickle; a model sent to spawned ranks (or deep-copied)
+        # re-resolves the same chain by name in the receiving process.
+        return (_rebuild_resolved, (self.op, [b.name for b in self.chain]))
+
+
+_ALL_OPS: dict[str, KernelOp] = {}
+
+
+def _rebuild_resolved(op: str, names: list[str]) -> ResolvedKernel:
+    kop = _ALL_OPS[op]
+    return ResolvedKernel(op, [kop._by_name[n] for n in names])
+
 
 class KernelOp:
     """An op with backends in preference order; the last one must be the eager reference."""
@@ -103,6 +116,7 @@ class KernelOp:
         self.name = name
         self.backends = backends
         self._by_name = {b.name: b for b in backends}
+        _ALL_OPS[name] = self
 
     def available_backends(self) -> list[str]:
         return [b.name for b in self.backends if b.available()]
