@@ -204,3 +204,26 @@ def test_missing_library_is_not_an_error():
     from z2all.model.kernels._registry import try_import
 
     assert try_import("z2all_no_such_kernel_library") is None
+
+
+def test_chunked_ce_chunking_and_no_grad():
+    """Chunk size must not change the result; under no_grad only the loss is computed."""
+    from z2all.model.kernels.chunked_ce import chunked_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 32, generator=g, requires_grad=True)
+    w = torch.randn(70, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 70, (50,), generator=g)
+    t[::7] = -100
+    ref, _ = eager_lm_head_loss(h, w, t)
+    ref.backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    for chunk in (1, 7, 50, 64):
+        h.grad, w.grad = None, None
+        loss = chunked_linear_cross_entropy(h, w, t, chunk)
+        loss.backward()
+        assert abs(loss.item() - ref.item()) <= 1e-5
+        assert (h.grad - ref_gh).abs().max().item() <= 1e-5
+        assert (w.grad - ref_gw).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        assert abs(chunked_linear_cross_entropy(h, w, t, 16).item() - ref.item()) <= 1e-5

@@ -26,14 +26,16 @@ IGNORE_INDEX = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, want_grads: bool):
         # hidden (N, h), weight (V, h), targets (N,)
         compute_dtype = autocast_dtype(hidden)  # what the lm_head matmul would use
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1).to(torch.float32)
-        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Gradients are computed here, in forward; skip them for no-grad calls (evaluation).
+        need_gh = want_grads and ctx.needs_input_grad[0]
+        need_gw = want_grads and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_gh else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_gw else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -69,9 +71,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if ctx.has[0] else None
         gw = grad_w * grad_out.to(grad_w.dtype) if ctx.has[1] else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden, weight, targets, chunk: int = 1024) -> torch.Tensor:
     """Mean CE of ``hidden @ weight.T`` against ``targets`` (-100 ignored); fp32 scalar."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, want_grads)
