@@ -3,7 +3,8 @@
 Writes ``config.json`` + ``model.safetensors`` (transformers Llama layout, through the model's
 ``save_pretrained``) from the newest loadable checkpoint of ``out_dir``, and copies the run's
 tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, ...)
-next to them, so ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)`` and
+next to them, plus a ``generation_config.json`` that stops at EOS or ``<|im_end|>``, so
+``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)`` and
 ``AutoTokenizer.from_pretrained(HF_DIR)`` both load it. Every file is written atomically.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from z2all.atomic import atomic_write_bytes
+from z2all.atomic import atomic_write_bytes, atomic_write_json
 from z2all.training.checkpoint import find_tokenizer_dir, load_model_from_dir
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,22 @@ def export_hf(
         raise FileNotFoundError(
             f"{out_dir}: no tokenizer: its config.json has no tokenizer_dir; pass --tokenizer_dir"
         )
+    from z2all.tokenizer import Z2allTokenizer
+
+    tok = Z2allTokenizer.from_pretrained(tok_dir)
     model, _ = load_model_from_dir(out_dir)
+    # The special ids transformers reads from config.json are the tokenizer's, whatever the run set.
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_id, tok.eos_id
+    model.config.pad_token_id = tok.pad_id
     model.to(_DTYPES[dtype]).save_pretrained(save_dir)
     names = copy_tokenizer_files(tok_dir, save_dir)
+    # transformers' generate() stops at any of these: EOS for plain text, <|im_end|> for chat turns.
+    generation = {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": [tok.eos_id, tok.im_end_id],
+        "pad_token_id": tok.pad_id,
+    }
+    atomic_write_json(save_dir / "generation_config.json", generation)
     logger.info("exported %s -> %s (model.safetensors, config.json, %s)", out_dir, save_dir, ", ".join(names))
     return save_dir
 

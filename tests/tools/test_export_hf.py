@@ -34,6 +34,9 @@ def test_export_loads_in_transformers_with_equal_logits(tiny_run, tmp_path):
     assert type(hf_model).__name__ == "LlamaForCausalLM"
     hf_tok = transformers.AutoTokenizer.from_pretrained(save_dir)
     tok = Z2allTokenizer.from_pretrained(tiny_run.tokenizer_dir)
+    assert (hf_model.config.bos_token_id, hf_model.config.eos_token_id) == (tok.bos_id, tok.eos_id)
+    gen = transformers.GenerationConfig.from_pretrained(save_dir)
+    assert gen.eos_token_id == [tok.eos_id, tok.im_end_id] and gen.pad_token_id == tok.pad_id
     for text in TEXTS:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
 
