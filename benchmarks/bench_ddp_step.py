@@ -1,0 +1,141 @@
+"""Step time of our DistributedDataParallel vs torch.nn.parallel.DistributedDataParallel.
+
+Spawns ``--world-size`` CPU processes (gloo on loopback, 1 thread each), builds the same residual-MLP
+model for every variant, and times full training steps (forward, backward, gradient sync, SGD step,
+zero grads) in interleaved rounds: round r runs ``--steps`` steps of every variant, in an order that
+rotates per round, so machine-load drift hits all variants alike. Prints one JSON object (rank 0):
+median step time per variant and the ratio of each of ours to torch DDP with default settings.
+
+    python benchmarks/bench_ddp_step.py                      # defaults below
+    python benchmarks/bench_ddp_step.py --layers 4 --width 256 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from parallel import DistributedDataParallel, DistributedDataParallelConfig
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ResidualMLP(nn.Module):
+    """``layers`` pre-norm blocks x + W2 gelu(W1 norm(x)); 2*width^2*2 weights per block."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+            )
+            for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, width) -> (B, width)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def build_variants(args, base: nn.Module) -> dict[str, nn.Module]:
+    bucket_elems = int(args.bucket_mb * 2**20) // 4  # same bucket size in fp32 elements for both
+    variants = {}
+    for overlap in (True, False):
+        cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, bucket_size=bucket_elems)
+        variants[f"ours_overlap={overlap}"] = DistributedDataParallel(cfg, copy.deepcopy(base))
+    variants["torch_ddp"] = nn.parallel.DistributedDataParallel(
+        copy.deepcopy(base), bucket_cap_mb=args.bucket_mb
+    )
+    variants["torch_ddp_bucket_view"] = nn.parallel.DistributedDataParallel(
+        copy.deepcopy(base), bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True
+    )
+    return variants
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    loss = model(x).square().mean()
+    loss.backward()
+    if isinstance(model, DistributedDataParallel):
+        model.finish_grad_sync()
+    opt.step()
+    if isinstance(model, DistributedDataParallel):
+        model.zero_grad_buffer()
+    else:
+        opt.zero_grad(set_to_none=True)
+
+
+def worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        base = ResidualMLP(args.layers, args.width)
+        variants = build_variants(args, base)
+        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in variants.items()}
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(args.batch, args.width, generator=g)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        names = list(variants)
+        for name in names:  # warm-up: allocator, autograd graph, torch DDP bucket rebuild
+            for _ in range(2):
+                step(variants[name], opts[name], x)
+        for r in range(args.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                dist.barrier()
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    step(variants[name], opts[name], x)
+                    times[name].append(time.perf_counter() - t0)
+        if rank == 0:
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            n_params = sum(p.numel() for p in base.parameters())
+            result = {
+                "benchmark": "ddp_step",
+                "world_size": world,
+                "backend": "gloo",
+                "threads_per_rank": 1,
+                "params": n_params,
+                "grad_mb": round(n_params * 4 / 2**20, 2),
+                "batch": args.batch,
+                "bucket_mb": args.bucket_mb,
+                "steps_per_variant": args.rounds * args.steps,
+                "median_step_ms": {k: round(v, 2) for k, v in med.items()},
+                "ratio_vs_torch_ddp": {k: round(v / med["torch_ddp"], 3) for k, v in med.items()},
+            }
+            print(json.dumps(result, indent=2))
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--bucket-mb", type=float, default=4.0, help="bucket size for both DDPs (MiB of fp32)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    args = p.parse_args()
+    mp.spawn(worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
+
+
+if __name__ == "__main__":
+    main()
