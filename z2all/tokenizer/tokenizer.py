@@ -178,6 +178,8 @@ class Z2allTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Ids to text; special ids render as their strings unless ``skip_special_tokens``."""
         ids = [int(i) for i in ids]
+        if self.special_ids.isdisjoint(ids):  # fast path: plain text
+            return self._backend.decode_plain(ids)
         out: list[str] = []
         run: list[int] = []
         for i in ids:
