@@ -296,7 +296,17 @@ def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult
         if metrics is not None:
             metrics.truncate_after(start_step)
         run_model = torch.compile(comp.model) if cfg.compile else comp.model
-        dp = DataParallelModel(run_model, cfg, device, start_step=start_step)
+        comm_state = None
+        if extra is not None and extra.get("comm_state") is not None:
+            if int(extra.get("world_size", -1)) == world:
+                comm_state = extra["comm_state"]
+            else:
+                log.warning(
+                    "checkpoint comm-hook state is from world size %s, this run has %d: not restored",
+                    extra.get("world_size"),
+                    world,
+                )
+        dp = DataParallelModel(run_model, cfg, device, start_step=start_step, comm_state=comm_state)
         tracker = (
             build_tracker(
                 cfg.tracker,
@@ -358,8 +368,11 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 log.info(console_line(rec, cfg.max_iters, step_seconds, peak))
         if last or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
-            extra = {"step": done, "tokens": tokens}
+            extra = {"step": done, "tokens": tokens, "world_size": world}
             if trainer.scaler.is_enabled():
                 extra["scaler"] = trainer.scaler.state_dict()
+            comm_state = dp.comm_state_dict()
+            if comm_state is not None:
+                extra["comm_state"] = comm_state  # per rank: PowerSGD error feedback and P/Q memories
             ckpt.save(done, comp.model, comp.optimizer, extra)
     return TrainResult(step=max(start_step, cfg.max_iters), tokens=tokens, history=history)

@@ -83,10 +83,18 @@ def _counting_powersgd_hook(state: _ByteCounter, bucket) -> torch.futures.Future
 class DataParallelModel:
     """One interface over no wrapping, torch DDP and z2all DDP (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, cfg, device: torch.device, start_step: int = 0):
+    def __init__(
+        self,
+        module: nn.Module,
+        cfg,
+        device: torch.device,
+        start_step: int = 0,
+        comm_state: dict | None = None,
+    ):
         self.module = module  # the unwrapped model: what is saved and what the optimizer holds
         self.impl = "none"
         self._counter: _ByteCounter | None = None
+        self._powersgd = None  # z2all PowerSGDState, whose state_dict goes into checkpoints
         self.wrapped: nn.Module = module
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             if cfg.comm_hook != "allreduce":
@@ -96,7 +104,7 @@ class DataParallelModel:
         if cfg.ddp_impl == "torch":
             self._wrap_torch(cfg, device, start_step)
         else:
-            self._wrap_z2all(cfg, start_step)
+            self._wrap_z2all(cfg, start_step, comm_state)
 
     # ---- construction -------------------------------------------------------------------------------
     def _wrap_torch(self, cfg, device: torch.device, start_step: int) -> None:
@@ -131,7 +139,7 @@ class DataParallelModel:
             self._counter = _ByteCounter(None)
             self.wrapped.register_comm_hook(self._counter, _counting_allreduce_hook)
 
-    def _wrap_z2all(self, cfg, start_step: int) -> None:
+    def _wrap_z2all(self, cfg, start_step: int, comm_state: dict | None) -> None:
         from parallel import DistributedDataParallel, DistributedDataParallelConfig
 
         ddp_cfg = DistributedDataParallelConfig(
@@ -148,12 +156,16 @@ class DataParallelModel:
                 start_powerSGD_iter=cfg.powersgd_start_iter,
                 random_seed=cfg.seed,
             )
-            self.wrapped.register_comm_hook(PowerSGDState(None, ps_cfg), powerSGD_hook)
-            if start_step > 0:
+            self._powersgd = PowerSGDState(None, ps_cfg)
+            if comm_state is not None:
+                # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact resume
+                self._powersgd.load_state_dict(comm_state)
+            elif start_step > 0:
                 log.warning(
-                    "PowerSGD state (error feedback, warm-start Q) is not checkpointed: the resumed "
-                    "run restarts it; losses are close to, not identical with, an uninterrupted run"
+                    "resuming without saved PowerSGD state (another world size?): error feedback and warm "
+                    "start restart, so losses are close to, not identical with, an uninterrupted run"
                 )
+            self.wrapped.register_comm_hook(self._powersgd, powerSGD_hook)
         elif cfg.comm_hook in ("fp16", "bf16"):
             from parallel import ddp_comm_hooks as hooks
 
@@ -165,6 +177,10 @@ class DataParallelModel:
                     f"parallel.ddp_comm_hooks.{name}, which this version lacks"
                 )
             self.wrapped.register_comm_hook(None, hook)
+
+    def comm_state_dict(self) -> dict | None:
+        """This rank's comm-hook state to checkpoint (z2all PowerSGD), or None."""
+        return self._powersgd.state_dict() if self._powersgd is not None else None
 
     # ---- the per-step protocol ----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
