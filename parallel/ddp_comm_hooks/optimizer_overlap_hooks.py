@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from parallel.ddp_comm_hooks.default_hooks import reduce_scatter_hook
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["OptimizerOverlapState", "optimizer_overlap_hook"]
@@ -64,6 +66,12 @@ class OptimizerOverlapState:
                 f"max_grad_norm={max_grad_norm}: global-norm gradient clipping needs every bucket's "
                 "reduced gradient before the first parameter is updated, which the overlapped optimizer "
                 "step does not wait for. Disable clipping (max_grad_norm=0) or the overlapped step."
+            )
+        if hook is reduce_scatter_hook:
+            raise ValueError(
+                "optimizer_overlap_hook needs the whole averaged bucket; reduce_scatter_hook leaves only "
+                "this rank's shard valid (use_distributed_optimizer). Wrap allreduce_hook or "
+                "powerSGD_hook instead."
             )
         self.hook = hook
         self.hook_state = hook_state

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
-from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, allreduce_hook
+from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, allreduce_hook, reduce_scatter_hook
 from parallel.ddp_comm_hooks.optimizer_overlap_hooks import OptimizerOverlapState, optimizer_overlap_hook
 from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
 from tests.dist_utils import run_distributed
@@ -120,6 +120,11 @@ def test_global_clipping_is_refused():
         OptimizerOverlapState(allreduce_hook, None, make_adamw, max_grad_norm=1.0)
     # Clipping off (None or 0) is accepted.
     OptimizerOverlapState(allreduce_hook, None, make_adamw, max_grad_norm=0.0)
+
+
+def test_reduce_scatter_inner_hook_is_refused():
+    with pytest.raises(ValueError, match="reduce_scatter_hook leaves only this rank's shard valid"):
+        OptimizerOverlapState(reduce_scatter_hook, None, make_adamw)
 
 
 def _state_dict_round_trip(rank: int, world_size: int) -> dict:
