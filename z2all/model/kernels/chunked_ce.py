@@ -45,20 +45,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start:end]
             v = valid[start:end]
             rows = torch.arange(end - start, device=hidden.device)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            picked = logits[rows, t.clamp(min=0)]
-            loss += ((lse - picked) * v).sum()
+            # Stable softmax in place, one exp: shifted = logits - max; lse - logit[t] = log(sum
+            # exp(shifted)) - shifted[t]. Five passes over the (c, V) chunk, no extra buffer.
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+            picked = logits[rows, t.clamp(min=0)]  # (c,) shifted target logits
+            probs = logits.exp_()
+            denom = probs.sum(dim=-1)  # (c,)
+            loss += ((denom.log() - picked) * v).sum()
             if grad_h is None and grad_w is None:
                 continue
-            # softmax in place, minus the one-hot target, scaled by validity / n_valid
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[rows, t.clamp(min=0)] -= 1.0
-            probs.mul_((v.float() / n_valid)[:, None])
+            # dloss/dlogits = (softmax - onehot(target)) * valid / n_valid
+            scale = v.float() / n_valid  # (c,)
+            probs.mul_((scale / denom)[:, None])
+            probs[rows, t.clamp(min=0)] -= scale
             p = probs.to(compute_dtype)
             if grad_h is not None:
                 grad_h[start:end] = (p @ w).to(hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(p.t().float(), h[start:end].float())
+                if compute_dtype == torch.float32:
+                    grad_w.addmm_(p.t(), h[start:end])
+                else:  # half-precision GEMM, accumulated across chunks in fp32
+                    grad_w.add_(p.t() @ h[start:end])
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
