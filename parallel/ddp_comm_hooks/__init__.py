@@ -6,6 +6,19 @@ uses when no hook is registered.
 """
 
 from parallel.ddp_comm_hooks.bucket import GradBucket
-from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, allreduce_hook, reduce_scatter_hook
+from parallel.ddp_comm_hooks.default_hooks import (
+    DefaultHookState,
+    allreduce_hook,
+    bf16_compress_hook,
+    fp16_compress_hook,
+    reduce_scatter_hook,
+)
 
-__all__ = ["DefaultHookState", "GradBucket", "allreduce_hook", "reduce_scatter_hook"]
+__all__ = [
+    "DefaultHookState",
+    "GradBucket",
+    "allreduce_hook",
+    "bf16_compress_hook",
+    "fp16_compress_hook",
+    "reduce_scatter_hook",
+]

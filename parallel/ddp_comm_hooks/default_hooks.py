@@ -91,3 +91,33 @@ def _future_of(work: dist.Work, value: torch.Tensor) -> torch.futures.Future[tor
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(value)
         return fut
+
+
+def _compress_hook(dtype: torch.dtype, state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce a ``dtype`` copy of the bucket (half the bytes of fp32), written back in place.
+
+    Same arithmetic as torch's ``fp16_compress_hook``/``bf16_compress_hook``: cast, pre-divide in the
+    low precision, sum in the low precision, cast back.
+    """
+    group, avg = _resolve(state)
+    buf = bucket.buffer()  # (numel_padded,) grad dtype
+    compressed = buf.to(dtype)
+    op = _prepare_average(compressed, group, avg)
+    bucket.record_comm_bytes(compressed.numel() * compressed.element_size())
+    work = dist.all_reduce(compressed, op=op, group=group, async_op=True)
+
+    def decompress(fut: torch.futures.Future) -> torch.Tensor:
+        buf.copy_(fut.value()[0])
+        return buf
+
+    return work.get_future().then(decompress)
+
+
+def fp16_compress_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce the bucket in float16 (5-bit exponent: scale losses so gradients do not underflow)."""
+    return _compress_hook(torch.float16, state, bucket)
+
+
+def bf16_compress_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce the bucket in bfloat16 (fp32's exponent range, 8-bit mantissa)."""
+    return _compress_hook(torch.bfloat16, state, bucket)
