@@ -25,8 +25,10 @@ def xformers_swiglu(x, gate_w, up_w, down_w):
     xops = try_import("xformers.ops")
     dt = autocast_dtype(x)
     x, gate_w, up_w, down_w = (t.to(dt) for t in (x, gate_w, up_w, down_w))
-    # xformers.ops.swiglu(x, w1, b1, w2, b2, w3, b3) = (silu(x w1^T + b1) * (x w2^T + b2)) w3^T + b3
-    return xops.swiglu(x, gate_w, None, up_w, None, down_w, None)
+    # xformers.ops.swiglu(x, w1, b1, w2, b2, w3, b3) = (silu(x w1^T + b1) * (x w2^T + b2)) w3^T + b3,
+    # on a 2-D (tokens, hidden) input
+    out = xops.swiglu(x.reshape(-1, x.shape[-1]), gate_w, None, up_w, None, down_w, None)
+    return out.view(*x.shape[:-1], down_w.shape[0])
 
 
 def liger_swiglu(x, gate_w, up_w, down_w):
