@@ -114,13 +114,16 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, Any]:
     return model.float().train(), mc
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups_of(params, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (Linear and Embedding weights); norms and biases (ndim < 2) get none."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    return param_groups_of(list(model.parameters()), weight_decay)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -134,6 +137,24 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         weight_decay=cfg.weight_decay,
         backend=cfg.optimizer_backend,
     )
+
+
+def bucket_optimizer_factory(cfg: TrainConfig):
+    """--overlap_optim_step: the optimizer of one DDP bucket, with the same groups and hyper-parameters."""
+    from optimizer import build_adamw
+
+    def make(named_params):
+        params = [p for _, p in named_params]
+        return build_adamw(
+            param_groups_of(params, cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            backend=cfg.optimizer_backend,
+        )
+
+    return make
 
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
@@ -244,4 +265,5 @@ def build_components(cfg: TrainConfig, device: torch.device) -> Components:
         ref_model=ref_model,
         model_config=mc,
         info=info,
+        make_bucket_optimizer=bucket_optimizer_factory(cfg) if cfg.overlap_optim_step else None,
     )

@@ -204,13 +204,11 @@ class TrainConfig:
             raise ConfigError("--dtype=float16 needs --device=cuda (CPU autocast supports bfloat16 only)")
         if self.ddp_impl == "torch" and self.overlap_optim_step:
             raise ConfigError("--overlap_optim_step needs --ddp_impl=z2all")
-        if self.overlap_optim_step:
-            # parallel.ddp_comm_hooks.optimizer_overlap_hooks steps per-bucket optimizers whose state
-            # the checkpoint format does not hold yet, and it refuses global-norm clipping.
-            raise ConfigError(
-                "--overlap_optim_step is not supported by the training loop yet "
-                "(see docs/training.md); run without it"
-            )
+        if self.overlap_optim_step and self.grad_clip > 0:
+            # each bucket steps as soon as it is reduced, before the global gradient norm is known
+            raise ConfigError("--overlap_optim_step cannot clip by the global norm: set --grad_clip=0")
+        if self.overlap_optim_step and self.dtype == "float16":
+            raise ConfigError("--overlap_optim_step does not support the float16 loss scaler: use bfloat16")
 
     def check_world_size(self, world_size: int) -> None:
         """Global accumulation steps are dealt round-robin to ranks, so they must divide evenly."""

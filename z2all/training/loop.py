@@ -63,6 +63,8 @@ class Components:
     """The Z2allConfig (for FLOPs/MFU and run_info.json), if known."""
     info: dict[str, Any] = field(default_factory=dict)
     """Extra facts for run_info.json (tokenizer fingerprint, optimizer backend...)."""
+    make_bucket_optimizer: Any = None
+    """--overlap_optim_step: ``[(name, param)] -> optimizer`` for one DDP bucket (same hyper-parameters)."""
 
 
 @dataclass
@@ -116,6 +118,7 @@ class _Trainer:
         cfg, task = self.cfg, self.task
         lr = self.schedule.lr_at(step)
         set_lr(self.comp.optimizer, lr)
+        dp.set_lr(lr)
         ids = self.sampler.step_indices(step)  # this rank's G/W micro-batches of sample indices
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         stat_sums: dict[str, torch.Tensor] = {}
@@ -135,11 +138,16 @@ class _Trainer:
             n_tokens += res.n_tokens
         dp.finish_grad_sync()
         # invariant: every param.grad holds the all-rank average of the step gradient (still scaled in fp16)
-        self.scaler.unscale_(self.comp.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.scaler.step(self.comp.optimizer)
-        self.scaler.update()
+        if dp.steps_optimizer:
+            # --overlap_optim_step: each bucket's optimizer already stepped inside its comm hook (no
+            # clipping possible, validated in the config); the norm is of the averaged gradient.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, math.inf)
+        else:
+            self.scaler.unscale_(self.comp.optimizer)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            self.scaler.step(self.comp.optimizer)
+            self.scaler.update()
         dp.zero_grad(self.comp.optimizer)
 
         keys = sorted(stat_sums)
@@ -215,7 +223,7 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.device) -> dict[str, Any]:
+def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.device, dp) -> dict[str, Any]:
     import platform
 
     import z2all
@@ -226,7 +234,9 @@ def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.devi
         "use_distributed_optimizer": False,
         "task_type": cfg.task_type,
         "num_params": sum(p.numel() for p in comp.model.parameters()),
-        "optimizer_state_bytes_per_rank": _optimizer_state_bytes(comp.optimizer),
+        "optimizer_state_bytes_per_rank": _optimizer_state_bytes(comp.optimizer)
+        + dp.overlap_optimizer_state_bytes(),
+        "overlap_optim_step": dp.steps_optimizer,
         "optimizer": type(comp.optimizer).__name__,
         "torch_version": torch.__version__,
         "z2all_version": z2all.__version__,
@@ -306,7 +316,9 @@ def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult
                     extra.get("world_size"),
                     world,
                 )
-        dp = DataParallelModel(run_model, cfg, device, start_step=start_step, comm_state=comm_state)
+        dp = DataParallelModel(
+            run_model, cfg, device, start_step, comm_state, make_bucket_optimizer=comp.make_bucket_optimizer
+        )
         tracker = (
             build_tracker(
                 cfg.tracker,
@@ -363,7 +375,7 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
             metrics.write(rec)
             tracker.log({k: v for k, v in rec.items() if k != "step"}, done)
             if done == start_step + 1:
-                write_run_info(cfg.out_dir, _run_info(cfg, comp, world, device))
+                write_run_info(cfg.out_dir, _run_info(cfg, comp, world, device, dp))
             if done % cfg.log_interval == 0 or last or done == start_step + 1:
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 log.info(console_line(rec, cfg.max_iters, step_seconds, peak))

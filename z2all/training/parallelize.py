@@ -90,11 +90,14 @@ class DataParallelModel:
         device: torch.device,
         start_step: int = 0,
         comm_state: dict | None = None,
+        make_bucket_optimizer=None,
     ):
         self.module = module  # the unwrapped model: what is saved and what the optimizer holds
         self.impl = "none"
         self._counter: _ByteCounter | None = None
         self._powersgd = None  # z2all PowerSGDState, whose state_dict goes into checkpoints
+        self._overlap = None  # z2all OptimizerOverlapState: per-bucket optimizers stepped in the hook
+        self._lr = None
         self.wrapped: nn.Module = module
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             if cfg.comm_hook != "allreduce":
@@ -104,7 +107,7 @@ class DataParallelModel:
         if cfg.ddp_impl == "torch":
             self._wrap_torch(cfg, device, start_step)
         else:
-            self._wrap_z2all(cfg, start_step, comm_state)
+            self._wrap_z2all(cfg, start_step, comm_state or {}, make_bucket_optimizer)
 
     # ---- construction -------------------------------------------------------------------------------
     def _wrap_torch(self, cfg, device: torch.device, start_step: int) -> None:
@@ -139,8 +142,9 @@ class DataParallelModel:
             self._counter = _ByteCounter(None)
             self.wrapped.register_comm_hook(self._counter, _counting_allreduce_hook)
 
-    def _wrap_z2all(self, cfg, start_step: int, comm_state: dict | None) -> None:
+    def _wrap_z2all(self, cfg, start_step: int, comm_state: dict, make_bucket_optimizer) -> None:
         from parallel import DistributedDataParallel, DistributedDataParallelConfig
+        from parallel import ddp_comm_hooks as hooks
 
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
@@ -148,6 +152,7 @@ class DataParallelModel:
             bucket_size=cfg.bucket_size,
         )
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
+        hook, hook_state = None, None  # None: the DDP's built-in averaging all-reduce
         if cfg.comm_hook == "powersgd":
             from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
 
@@ -157,18 +162,16 @@ class DataParallelModel:
                 random_seed=cfg.seed,
             )
             self._powersgd = PowerSGDState(None, ps_cfg)
-            if comm_state is not None:
+            if comm_state.get("powersgd") is not None:
                 # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact resume
-                self._powersgd.load_state_dict(comm_state)
+                self._powersgd.load_state_dict(comm_state["powersgd"])
             elif start_step > 0:
                 log.warning(
                     "resuming without saved PowerSGD state (another world size?): error feedback and warm "
                     "start restart, so losses are close to, not identical with, an uninterrupted run"
                 )
-            self.wrapped.register_comm_hook(self._powersgd, powerSGD_hook)
+            hook, hook_state = powerSGD_hook, self._powersgd
         elif cfg.comm_hook in ("fp16", "bf16"):
-            from parallel import ddp_comm_hooks as hooks
-
             name = f"{cfg.comm_hook}_compress_hook"
             hook = getattr(hooks, name, None)
             if hook is None:
@@ -176,11 +179,58 @@ class DataParallelModel:
                     f"--comm_hook={cfg.comm_hook} with --ddp_impl=z2all needs "
                     f"parallel.ddp_comm_hooks.{name}, which this version lacks"
                 )
-            self.wrapped.register_comm_hook(None, hook)
+        if cfg.overlap_optim_step:
+            from parallel.ddp_comm_hooks.optimizer_overlap_hooks import (
+                OptimizerOverlapState,
+                optimizer_overlap_hook,
+            )
+
+            if make_bucket_optimizer is None:
+                raise ValueError("--overlap_optim_step needs a per-bucket optimizer factory")
+
+            def make(named_params):
+                opt = make_bucket_optimizer(named_params)
+                for group in opt.param_groups:  # built mid-backward: start at this step's LR
+                    group["lr"] = self._lr if self._lr is not None else group["lr"]
+                return opt
+
+            self._overlap = OptimizerOverlapState(hook or hooks.allreduce_hook, hook_state, make)
+            if comm_state.get("overlap_optim") is not None:
+                self._overlap.load_state_dict(comm_state["overlap_optim"])
+            self.wrapped.register_comm_hook(self._overlap, optimizer_overlap_hook)
+        elif hook is not None:
+            self.wrapped.register_comm_hook(hook_state, hook)
 
     def comm_state_dict(self) -> dict | None:
-        """This rank's comm-hook state to checkpoint (z2all PowerSGD), or None."""
-        return self._powersgd.state_dict() if self._powersgd is not None else None
+        """This rank's comm-hook state to checkpoint (z2all PowerSGD, overlapped optimizers), or None."""
+        state = {}
+        if self._powersgd is not None:
+            state["powersgd"] = self._powersgd.state_dict()
+        if self._overlap is not None:
+            state["overlap_optim"] = self._overlap.state_dict()
+        return state or None
+
+    @property
+    def steps_optimizer(self) -> bool:
+        """True when the comm hook runs the optimizer step itself (--overlap_optim_step)."""
+        return self._overlap is not None
+
+    def set_lr(self, lr: float) -> None:
+        """LR for optimizers the hook owns (the loop sets the main optimizer's itself)."""
+        self._lr = lr
+        if self._overlap is not None:
+            self._overlap.set_lr(lr)
+
+    def overlap_optimizer_state_bytes(self) -> int:
+        if self._overlap is None:
+            return 0
+        return sum(
+            v.numel() * v.element_size()
+            for opt in self._overlap.optimizers.values()
+            for st in opt.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
 
     # ---- the per-step protocol ----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
