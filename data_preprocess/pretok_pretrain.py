@@ -12,6 +12,8 @@ Invariants:
 * Atomic: a ``.bin`` is written under a hidden temp name and renamed after fsync; the old sidecar is
   removed *before* that rename and the new sidecar written *after* it. A sidecar therefore always
   describes the ``.bin`` next to it, and an interrupted run leaves no ``.bin`` that looks complete.
+* Flat memory: the pool's task pipe blocks the reader thread until a worker takes the next chunk, so
+  only about ``num_workers + 2`` chunks are in flight whatever the file size.
 * Idempotent: a file whose sidecar matches the source (size, mtime), the tokenizer fingerprint, the text
   field and the ``.bin`` size is skipped.
 """
@@ -51,8 +53,9 @@ class PretokenizeConfig:
     """Tokenizer processes (0 = one per CPU core; 1 = encode in the main process)."""
     text_field: str = ""
     """Record field with the text; empty tries ``text`` then ``content``."""
-    chunk_chars: int = 1_000_000
-    """Documents are sent to workers in chunks of about this many characters."""
+    chunk_chars: int = 256_000
+    """Documents are sent to workers in chunks of about this many characters (small enough that the
+    last chunks of a run keep every worker busy, large enough that IPC is noise)."""
     force: bool = False
     """Rewrite even up-to-date outputs."""
 
