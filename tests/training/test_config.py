@@ -59,7 +59,7 @@ def test_types_are_converted():
         (["--data_dir=d", "--overlap_optim_step"], "--overlap_optim_step needs --ddp_impl=z2all"),
         (
             ["--data_dir=d", "--overlap_optim_step", "--ddp_impl=z2all"],
-            "--overlap_optim_step is not supported",
+            "--overlap_optim_step cannot clip by the global norm",
         ),
         (["--max_iters=5"], "--data_dir is required"),
         (["--data_dir=d", "stray"], "unexpected argument 'stray'"),
