@@ -79,7 +79,13 @@ def _wrapper_behaviour(rank, world_size):
 
 @pytest.fixture(scope="module")
 def results():
-    names = ["_wrapper_behaviour", "_bf16_fp32_reduce", "_nan_report", "_reduce_scatter_shards"]
+    names = [
+        "_wrapper_behaviour",
+        "_bf16_fp32_reduce",
+        "_nan_report",
+        "_reduce_scatter_shards",
+        "_llama_tiny",
+    ]
     return run_distributed(run_scenarios, 2, __name__, names)
 
 
@@ -204,3 +210,36 @@ def test_reduce_scatter_leaves_averaged_shard_on_each_rank(results):
         assert err <= 1e-6, err
         assert checked * world_size == total
         assert grads_unset
+
+
+# ------------------------------------------------------------------------------------------------
+def _llama_tiny(rank, world_size):
+    """Optional: the project's Llama (tiny preset) under our DDP vs torch DDP, 2 micro-steps, overlap."""
+    try:
+        from z2all.model import Z2allForCausalLM, get_preset
+    except ImportError as e:
+        return {"skipped": f"z2all.model not importable: {e}"}
+    torch.manual_seed(0)
+    model = Z2allForCausalLM(get_preset("tiny"))
+    ref = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+    ddp = DistributedDataParallel(DistributedDataParallelConfig(bucket_size=100_000), model)
+    g = torch.Generator().manual_seed(rank)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 512
+    micro = [torch.randint(0, vocab, (2, 32), generator=g) for _ in range(2)]
+    for m in (ddp, ref):
+        for i, ids in enumerate(micro):
+            with m.no_sync() if i == 0 else contextlib.nullcontext():
+                (m(ids, labels=ids).loss / 2).backward()
+    ddp.finish_grad_sync()
+    err = 0.0
+    for p, q in zip(model.parameters(), ref.module.parameters(), strict=True):
+        err = max(err, ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item())
+    return {"err": err, "n_buckets": len(ddp.buckets)}
+
+
+def test_project_llama_matches_torch_ddp(results):
+    for r in scenario(results, "_llama_tiny"):
+        if "skipped" in r:
+            pytest.skip(r["skipped"])
+        assert r["n_buckets"] > 2
+        assert r["err"] <= 1e-6, r["err"]
