@@ -56,7 +56,10 @@ def test_types_are_converted():
         ),
         (["--data_dir=d", "--dtype=float16"], "--dtype=float16 needs --device=cuda"),
         (["--data_dir=d", "--keep_checkpoints=1"], "--keep_checkpoints must be >= 2"),
-        (["--data_dir=d", "--overlap_optim_step"], "--overlap_optim_step needs --ddp_impl=z2all"),
+        (
+            ["--data_dir=d", "--overlap_optim_step", "--ddp_impl=torch"],
+            "--overlap_optim_step needs --ddp_impl=z2all",
+        ),
         (
             ["--data_dir=d", "--overlap_optim_step", "--ddp_impl=z2all"],
             "--overlap_optim_step cannot clip by the global norm",

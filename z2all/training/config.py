@@ -118,7 +118,7 @@ class TrainConfig:
     """DPO temperature beta of the sigmoid loss."""
 
     # ---- data parallelism -------------------------------------------------------------------------
-    ddp_impl: Literal["torch", "z2all"] = "torch"
+    ddp_impl: Literal["torch", "z2all"] = "z2all"
     """torch: torch.nn.parallel.DistributedDataParallel; z2all: parallel.DistributedDataParallel."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto: nccl on cuda, gloo on cpu."""
