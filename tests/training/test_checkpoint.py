@@ -219,6 +219,17 @@ def test_fallback_on_dcp_load_error(tmp_path, caplog):
     assert any("failed to load" in r.getMessage() for r in caplog.records)
 
 
+def test_garbage_rank_file_is_corrupt_not_unsafe(tmp_path, caplog):
+    """Bytes that are no pickle at all (manifest made to agree) fall back; only refused globals are
+    'unsafe'."""
+    mgr = save_two(tmp_path)
+    (tmp_path / "step_000002" / "rank_00000.pt").write_bytes(b"not a torch file" * 8)
+    rewrite_manifest_entry(tmp_path / "step_000002", "rank_00000.pt")
+    with caplog.at_level(logging.WARNING, logger="z2all"):
+        assert mgr.load_latest(*make(seed=3))["step"] == 1
+    assert any("not a readable torch file" in r.getMessage() for r in caplog.records)
+
+
 def test_all_corrupt_is_an_error(tmp_path):
     mgr = save_two(tmp_path)
     _truncate(tmp_path / "step_000001")

@@ -4,12 +4,14 @@ resume per rank, and resume on a different world size in both directions."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.dist_utils import run_distributed
-from tests.training.test_checkpoint import make, train_step
+from tests.training.test_checkpoint import make, rewrite_manifest_entry, train_step
 from z2all.training.checkpoint import CheckpointManager, safe_torch_load
 from z2all.training.rng_state import rank_seed, seed_all
 
@@ -44,12 +46,28 @@ def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
     extra2 = mgr.load_latest(ddp2, opt2)
     params_at_2 = {k: v.clone() for k, v in model2.state_dict().items()}
     got = [train_step(ddp2, opt2) for _ in range(2)]
+
+    # (4) Collective fallback: checkpoint 4 is fine except rank 1's own file, which only rank 1
+    #     reads (the manifest is made to agree, so rank 0 sees nothing wrong): both ranks fall
+    #     back to checkpoint 2 together instead of diverging or hanging.
+    mgr.save(4, ddp2, opt2, {"step": 4})
+    params_at_4 = {k: v.clone() for k, v in model2.state_dict().items()}
+    dist.barrier()
+    if rank == 0:
+        (Path(out_dir) / "step_000004" / "rank_00001.pt").write_bytes(b"not a torch file" * 8)
+        rewrite_manifest_entry(Path(out_dir) / "step_000004", "rank_00001.pt")
+    dist.barrier()
+    model3, opt3 = make(seed=7)
+    fallback_step = mgr.load_latest(model3, opt3)["step"]
+    fallback_ok = all(torch.equal(v, params_at_2[k]) for k, v in model3.state_dict().items())
     return {
+        "fallback_step": fallback_step,
+        "fallback_ok": fallback_ok,
         "from_single": from_single,
         "expected": expected,
         "got": got,
         "extra": extra2,
-        "params_at_2": params_at_2,
+        "params_at_4": params_at_4,
     }
 
 
@@ -86,16 +104,19 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     manifest_files = sorted(p.name for p in (out_dir / "step_000002").iterdir())
     assert manifest_files == ["manifest.json", "rank_00000.pt", "rank_00001.pt", "state"]
 
+    assert [r["fallback_step"] for r in res] == [2, 2] and all(r["fallback_ok"] for r in res)
+
     # Replicated state is written once in total (DCP dedup), not once per rank.
     def distcp_bytes(d):
         return sum(f.stat().st_size for f in (d / "state").glob("*.distcp"))
 
     assert distcp_bytes(out_dir / "step_000002") < 1.1 * distcp_bytes(single_path)
 
-    # (3) 2 -> 1 process: the model state written by two ranks loads whole into one process.
+    # (3) 2 -> 1 process: the model state written by two ranks loads whole into one process (a
+    # single process reads only rank_00000.pt, so step 4 is fine here).
     model1, opt1 = make(seed=77)
     extra = CheckpointManager(out_dir, seed=SEED).load_latest(model1, opt1)
-    assert extra["step"] == 2
+    assert extra["step"] == 4
     for k, v in model1.state_dict().items():
-        assert torch.equal(v, res[0]["params_at_2"][k]) and torch.equal(v, res[1]["params_at_2"][k]), k
+        assert torch.equal(v, res[0]["params_at_4"][k]) and torch.equal(v, res[1]["params_at_4"][k]), k
     assert len(opt1.state_dict()["state"]) == len(list(model1.parameters()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +93,29 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"{self.source}: item {read_item.dest_index.fqn!r} refused: it needs arbitrary "
-                f"unpickling ({str(e).splitlines()[0]})"
-            ) from e
+            raise _weights_only_failure(f"{self.source}: item {read_item.dest_index.fqn!r}", e) from e
         value.seek(0)  # proven weights_only-safe: the parent may deserialize the same bytes
         super().load_bytes(read_item, value)
 
 
+def _weights_only_failure(source: str, e: pickle.UnpicklingError) -> Exception:
+    """Tell a refused global/callable (unsafe) from bytes that are simply not a valid pickle
+    (corrupt: ValueError, so a resume falls back to the previous checkpoint)."""
+    detail = " ".join(str(e).split())
+    # torch's weights_only unpickler names what it refused: "Unsupported global: GLOBAL mod.name".
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if refused is not None:
+        return UnsafeCheckpointError(
+            f"{source}: refused to load: it needs arbitrary unpickling of {refused.group(1)}, "
+            "which could run code"
+        )
+    return ValueError(f"{source}: not a readable torch file ({detail[:200]})")
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, raising :class:`UnsafeCheckpointError` with
-    the file name when the file would need arbitrary unpickling."""
+    """``torch.load(path, weights_only=True)`` on CPU. Raises :class:`UnsafeCheckpointError` naming
+    the file when it would need arbitrary unpickling, ValueError when it is not a valid file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
-            f"({str(e).splitlines()[0]})"
-        ) from e
+        raise _weights_only_failure(str(path), e) from e
