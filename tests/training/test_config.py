@@ -149,3 +149,13 @@ def test_every_field_is_documented_and_in_help():
         if f.init:
             assert f"--{f.name}=" in text
     assert "world_size" not in flag_names()  # derived, not a flag
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "swanlab"])
+def test_tracker_package_is_checked_up_front(tracker):
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    with pytest.raises(ConfigError, match=rf"--tracker={tracker} needs the '{tracker}' package"):
+        parse_args(["--data_dir=d", f"--tracker={tracker}"])

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -250,3 +251,26 @@ def test_lr_follows_schedule_in_metrics(tmp_path):
     assert math.isclose(
         recs[-1]["lr"], cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * 3 / 4))
     )
+
+
+def test_bfloat16_autocast_on_cpu_tracks_fp32(tmp_path):
+    a = make_cfg(tmp_path / "fp32", save_interval=0, eval_interval=0)
+    b = make_cfg(tmp_path / "bf16", save_interval=0, eval_interval=0, dtype="bfloat16")
+    la = torch.tensor(_losses(train(a, make_components(a)).history))
+    lb = torch.tensor(_losses(train(b, make_components(b)).history))
+    assert not torch.equal(la, lb)  # autocast really ran in bf16
+    torch.testing.assert_close(lb, la, rtol=3e-2, atol=0)  # bf16 has an 8-bit mantissa
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = make_cfg(
+        tmp_path / "tb",
+        save_interval=0,
+        eval_interval=0,
+        max_iters=2,
+        lr_decay_iters=2,
+        tracker="tensorboard",
+    )
+    train(cfg, make_components(cfg))
+    assert list((tmp_path / "tb" / "tracker").glob("events.out.tfevents.*"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -202,6 +203,12 @@ class TrainConfig:
             raise ConfigError(f"--dpo_beta must be > 0, got {self.dpo_beta}")
         if self.device == "cpu" and self.dtype == "float16":
             raise ConfigError("--dtype=float16 needs --device=cuda (CPU autocast supports bfloat16 only)")
+        if self.tracker != "none":
+            package = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}[self.tracker]
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"--tracker={self.tracker} needs the {package!r} package: pip install {package}"
+                )
         if self.ddp_impl == "torch" and self.overlap_optim_step:
             raise ConfigError("--overlap_optim_step needs --ddp_impl=z2all")
         if self.overlap_optim_step and self.grad_clip > 0:
