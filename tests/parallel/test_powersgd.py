@@ -1,6 +1,6 @@
 """PowerSGD hook vs torch's reference hook on the same inputs, and its bytes on the tiny Llama shapes.
 
-The buckets here are built by hand (``FakeBucket``, the duck-typed GradBucket API) so the hook is
+The buckets here are the DDP's GradBucket over hand-made buffers (``FakeBucket``) so the hook is
 checked in isolation; ``test_powersgd_ddp.py`` runs it through the DDP.
 """
 
@@ -13,46 +13,27 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
 
+from parallel.ddp_comm_hooks.bucket import GradBucket
 from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
 from tests.dist_utils import run_distributed
 
 PAD = 3  # zero padding at the end of every fake bucket, as the real buffers have
 
 
-class FakeBucket:
-    """A bucket over a flat buffer of gradients with the given shapes (the GradBucket duck type)."""
+class FakeBucket(GradBucket):
+    """The DDP's real GradBucket over a hand-made flat buffer of gradients with the given shapes.
+
+    Lets the hooks be checked in isolation (no DDP, no model); counts the recorded comm bytes.
+    """
 
     def __init__(self, index: int, is_last: bool, flat: torch.Tensor, shapes: list[tuple[int, ...]]):
-        self._index, self._last, self._buffer, self._shapes = index, is_last, flat, shapes
+        params = [torch.nn.Parameter(torch.empty(s)) for s in shapes]
+        offsets = [sum(math.prod(s) for s in shapes[:i]) for i in range(len(shapes))]
+        names = [f"p{i}" for i in range(len(shapes))]
         self.comm_bytes = 0
+        super().__init__(index, is_last, flat, params, names, offsets, None, self._count)
 
-    def buffer(self) -> torch.Tensor:
-        return self._buffer
-
-    def set_buffer(self, t: torch.Tensor) -> None:
-        self._buffer.copy_(t)
-
-    def index(self) -> int:
-        return self._index
-
-    def is_last(self) -> bool:
-        return self._last
-
-    def gradients(self) -> list[torch.Tensor]:
-        out, off = [], 0
-        for s in self._shapes:
-            n = math.prod(s)
-            out.append(self._buffer[off : off + n].view(s))
-            off += n
-        return out
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [torch.zeros(s) for s in self._shapes]
-
-    def param_names(self) -> list[str]:
-        return [f"p{i}" for i in range(len(self._shapes))]
-
-    def record_comm_bytes(self, n: int) -> None:
+    def _count(self, n: int) -> None:
         self.comm_bytes += n
 
 
