@@ -227,3 +227,40 @@ def test_chunked_ce_chunking_and_no_grad():
         assert (w.grad - ref_gw).abs().max().item() <= 1e-5
     with torch.no_grad():
         assert abs(chunked_linear_cross_entropy(h, w, t, 16).item() - ref.item()) <= 1e-5
+
+
+def test_fallback_when_backend_cannot_take_inputs(caplog):
+    """A chosen backend that refuses the inputs hands the call to the next one, logged once."""
+    from z2all.model.kernels import Backend, KernelOp
+
+    calls = []
+    op = KernelOp(
+        "toy",
+        [
+            Backend("picky", lambda x: calls.append("picky") or x * 2, supports=lambda x: x.dim() == 1),
+            Backend("missing", lambda x: x * 3, available=lambda: False),
+            Backend("eager", lambda x: calls.append("eager") or x * 2),
+        ],
+    )
+    assert op.available_backends() == ["picky", "eager"]
+    kernel = op.resolve("auto")
+    assert kernel.name == "picky" and [b.name for b in kernel.chain] == ["picky", "eager"]
+    with caplog.at_level(logging.INFO, logger="z2all.model.kernels._registry"):
+        assert torch.equal(kernel(torch.ones(2)), torch.full((2,), 2.0))
+        kernel(torch.ones(2, 2))
+        kernel(torch.ones(2, 2))
+    assert calls == ["picky", "eager", "eager"]
+    assert caplog.text.count("falling back to eager") == 1
+    with pytest.raises(ValueError, match="backend 'missing' was forced but is not available"):
+        op.resolve("missing")
+
+
+def test_loss_only_call_uses_fused_linear_and_logits_call_falls_back():
+    model = tiny_model()
+    assert model.kernel_backends["cross_entropy"] == "torch_chunked"
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        fused = model(ids, labels=ids, return_logits=False)
+        full = model(ids, labels=ids)
+    assert fused.logits is None and full.logits.shape == (2, 16, 256)
+    assert abs(fused.loss.item() - full.loss.item()) <= 1e-5
