@@ -264,3 +264,16 @@ def test_loss_only_call_uses_fused_linear_and_logits_call_falls_back():
         full = model(ids, labels=ids)
     assert fused.logits is None and full.logits.shape == (2, 16, 256)
     assert abs(fused.loss.item() - full.loss.item()) <= 1e-5
+
+
+def test_env_variable_forces_backends(monkeypatch):
+    monkeypatch.setenv("Z2ALL_KERNELS", "attention=eager, swiglu=eager")
+    assert kernels.active_backends()["attention"] == "eager"
+    assert tiny_model().kernel_backends["swiglu"] == "eager"
+    assert tiny_model(kernels={"attention": "sdpa"}).kernel_backends["attention"] == "sdpa"  # config wins
+    monkeypatch.setenv("Z2ALL_KERNELS", "attention")
+    with pytest.raises(ValueError, match="Z2ALL_KERNELS: entry 'attention' is not op=backend"):
+        kernels.active_backends()
+    monkeypatch.setenv("Z2ALL_KERNELS", "attn=eager")
+    with pytest.raises(ValueError, match="unknown kernel op 'attn'"):
+        kernels.active_backends()

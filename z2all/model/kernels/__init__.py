@@ -15,11 +15,15 @@ once) to the first backend that returns them.
 
 GPU backends count as available only when their library imports AND CUDA is present. Force one per
 model with ``Z2allConfig(kernels={"attention": "eager"})``, or process-wide with
-``set_backend("attention", "eager")`` (a config entry wins over the process-wide one). Forcing an
-unavailable backend is a ``ValueError``; everything else degrades silently to the next backend.
+``set_backend("attention", "eager")``, or from the shell with
+``Z2ALL_KERNELS="attention=eager,rms_norm=torch"``. Precedence: config entry, then set_backend, then
+the environment variable, then "auto". Forcing an unknown or unavailable backend is a ``ValueError``;
+everything else degrades silently to the next backend.
 """
 
 from __future__ import annotations
+
+import os
 
 from z2all.model.kernels._registry import Backend, KernelOp, ResolvedKernel
 from z2all.model.kernels.attention import ATTENTION
@@ -50,10 +54,27 @@ def set_backend(op: str, backend: str = "auto") -> None:
     _FORCED[op] = backend
 
 
+ENV_VAR = "Z2ALL_KERNELS"
+
+
+def env_overrides() -> dict[str, str]:
+    """``Z2ALL_KERNELS="op=backend,op=backend"`` parsed; a malformed entry raises naming the variable."""
+    spec = os.environ.get(ENV_VAR, "").strip()
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        op, sep, backend = item.partition("=")
+        if not sep or not backend.strip():
+            raise ValueError(f"{ENV_VAR}: entry {item!r} is not op=backend (ops: {list(OPS)})")
+        _check_op(op.strip())
+        out[op.strip()] = backend.strip()
+    return out
+
+
 def resolve(op: str, overrides: dict[str, str] | None = None) -> ResolvedKernel:
-    """The backend ``op`` runs with: ``overrides`` (a config's ``kernels``), else set_backend, else auto."""
+    """The backend ``op`` runs with: ``overrides`` (a config's ``kernels``), else set_backend, else the
+    ``Z2ALL_KERNELS`` environment variable, else auto."""
     kop = _check_op(op)
-    forced = (overrides or {}).get(op) or _FORCED.get(op, "auto")
+    forced = (overrides or {}).get(op) or _FORCED.get(op) or env_overrides().get(op, "auto")
     return kop.resolve(forced)
 
 
@@ -74,6 +95,7 @@ __all__ = [
     "ResolvedKernel",
     "active_backends",
     "available_backends",
+    "env_overrides",
     "resolve",
     "set_backend",
 ]
