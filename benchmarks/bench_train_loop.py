@@ -1,0 +1,123 @@
+"""Overhead of z2all's training loop vs a bare hand-written step, same model, data and optimizer.
+
+One process. The bare step is what any PyTorch tutorial writes: for each of G micro-batches,
+forward, cross-entropy, ``(loss / G).backward()``; then ``clip_grad_norm_``, ``AdamW.step()``,
+``zero_grad``. ``z2all.training.loop.train`` adds the sampler, collate, per-step metrics (a
+``metrics.jsonl`` line, the stats all-reduce, the console line), the LR schedule and the
+DataParallelModel indirection. Step times are medians after ``--warmup`` steps; the loop's come from
+its own timer (``tokens_per_s`` in metrics.jsonl: sampler, collate, forward/backward, clip, step,
+stats reduction; not the metrics-file write). ``loop_wall_s_incl_final_checkpoint`` is the whole
+``train()`` call. Prints one JSON object; ``overhead_ratio`` = loop step time / bare step time.
+
+    python benchmarks/bench_train_loop.py                      # tiny-ish Llama, CPU, 1 thread
+    python benchmarks/bench_train_loop.py --hidden=512 --layers=4 --seq=256 --threads=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    from z2all.model import Z2allForCausalLM, get_preset
+    from z2all.training.config import TrainConfig
+    from z2all.training.loop import Components, train
+    from z2all.training.metrics import read_metrics
+    from z2all.training.tasks import PretrainTask
+
+    torch.set_num_threads(args.threads)
+    mcfg = get_preset(
+        "tiny",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.hidden * 8 // 3 // 64 * 64 or 64,
+        max_position_embeddings=max(512, args.seq),
+    )
+    g = torch.Generator().manual_seed(0)
+    n = args.batch * args.accum * (args.steps + 1)
+    windows = torch.randint(0, args.vocab, (n, args.seq + 1), generator=g)
+    data = [(w[:-1], w[1:]) for w in windows]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = Z2allForCausalLM(mcfg)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    # ---- bare step ----------------------------------------------------------------------------------
+    model, opt = fresh()
+    bare = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        for k in range(args.accum):
+            i0 = (step * args.accum + k) * args.batch
+            x = torch.stack([d[0] for d in data[i0 : i0 + args.batch]])
+            y = torch.stack([d[1] for d in data[i0 : i0 + args.batch]])
+            logits = model(x).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, args.vocab), y.reshape(-1))
+            (loss / args.accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bare.append(time.perf_counter() - t0)
+
+    # ---- z2all loop ---------------------------------------------------------------------------------
+    model, opt = fresh()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            data_dir="in-memory",
+            out_dir=out,
+            max_iters=args.steps,
+            warmup_iters=1,
+            learning_rate=1e-3,
+            min_lr=1e-4,
+            train_batch_size=args.batch,
+            gradient_accumulation_steps=args.accum,
+            max_seq_len=args.seq,
+            eval_interval=0,
+            log_interval=10**6,
+            save_interval=0,
+            grad_clip=1.0,
+        )
+        t0 = time.perf_counter()
+        train(cfg, Components(model=model, optimizer=opt, task=PretrainTask(), train_data=data))
+        wall = time.perf_counter() - t0
+        recs = read_metrics(out)
+    tokens_per_step = args.batch * args.accum * args.seq
+    loop = [tokens_per_step / r["tokens_per_s"] for r in recs]
+
+    bare_med = statistics.median(bare[args.warmup :])
+    loop_med = statistics.median(loop[args.warmup :])
+    print(json.dumps({
+        "benchmark": "train_loop_overhead",
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_step": tokens_per_step,
+        "threads": args.threads,
+        "bare_step_s": round(bare_med, 5),
+        "loop_step_s": round(loop_med, 5),
+        "overhead_ratio": round(loop_med / bare_med, 4),
+        "loop_wall_s_incl_final_checkpoint": round(wall, 3),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
