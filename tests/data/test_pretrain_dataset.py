@@ -184,3 +184,7 @@ def test_pickle_carries_no_mapped_data_and_dataloader_works(bin_dir):
     assert torch.equal(clone[3][1], ds[3][1])
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert x.shape == y.shape == (4, L)
+    # worker processes open their own files and read the same samples
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    got = torch.cat([xb for xb, _ in loader])
+    assert torch.equal(got, torch.stack([ds[i][0] for i in range(len(ds))]))

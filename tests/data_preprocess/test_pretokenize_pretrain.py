@@ -200,3 +200,43 @@ def test_unreadable_file_stops_the_run_naming_it_after_finishing_earlier_files(
         read_sidecar(out / name)
     assert not (out / "e.bin").exists() and not (out / "sub").exists()
     assert not [p for p in out.rglob(".*tmp*")], "temp files left behind"
+
+
+def test_uint32_output_when_vocab_does_not_fit_uint16(
+    tmp_path, tiny_tokenizer_dir, tiny_tokenizer, monkeypatch
+):
+    """The dtype rule is ``token_dtype``; force uint32 and check writer, sidecar and dataset agree."""
+    from data_preprocess.build_pretrain_sample_index_map import build_index
+    from z2all.data.pretrain_dataset import PretokDatasetWithIndex
+
+    monkeypatch.setattr(pp, "token_dtype", lambda vocab_size: np.dtype("<u4"))
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=2, chunk_chars=100))
+    assert read_sidecar(out / "a.bin")["dtype"] == "<u4"
+    tokens = np.fromfile(out / "a.bin", dtype="<u4").astype(np.int64)
+    np.testing.assert_array_equal(tokens, _expected_stream(data / "a.jsonl", tiny_tokenizer))
+    for b in out.rglob("*.bin"):
+        build_index(b, 8)
+    ds = PretokDatasetWithIndex(out, 8, tokenizer=tiny_tokenizer)
+    np.testing.assert_array_equal(ds[1][0].numpy(), tokens[8:16])
+
+
+def test_cli_flags_snapshot():
+    """Renaming a flag must be a conscious change: update this list and docs/data.md together."""
+    import dataclasses
+
+    from data_preprocess.build_pretrain_sample_index_map import IndexConfig
+    from z2all.tokenizer import TokenizerTrainConfig
+
+    def names(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+
+    assert names(PretokenizeConfig) == [
+        "data_dir", "tokenizer_dir", "save_dir", "num_workers", "text_field", "chunk_chars", "force"
+    ]  # fmt: skip
+    assert names(IndexConfig) == ["data_dir", "max_seq_len", "force"]
+    assert names(TokenizerTrainConfig) == [
+        "data_dir", "save_dir", "vocab_size", "tokenizer_type", "max_chars", "text_field", "min_frequency",
+        "character_coverage", "max_sentence_bytes", "num_threads",
+    ]  # fmt: skip
