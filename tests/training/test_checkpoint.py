@@ -163,6 +163,42 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000004"]
 
 
+_KILL_SCRIPT = """
+import os, signal, sys
+from tests.training.test_checkpoint import make, train_step
+from z2all.training import checkpoint as c
+model, opt = make()
+mgr = c.CheckpointManager(sys.argv[1])
+train_step(model, opt)
+mgr.save(1, model, opt, {"step": 1})
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(c, sys.argv[2], die)
+train_step(model, opt)
+mgr.save(2, model, opt, {"step": 2})
+"""
+
+
+def test_sigkill_mid_save(tmp_path):
+    """A real SIGKILL (no Python cleanup runs) after the data files, before the manifest: the
+    half-written checkpoint stays a tmp folder and the previous one loads. (The other kill points
+    are covered in-process by test_crash_mid_save_keeps_previous; each subprocess costs seconds.)"""
+    kill_at, expect_step = "atomic_write_json", 1
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), kill_at],
+        cwd=repo,
+        timeout=120,
+        capture_output=True,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (tmp_path / "ckpt_tmp-000002").exists() == (expect_step == 1)
+    assert CheckpointManager(tmp_path).load_latest(*make(seed=2))["step"] == expect_step
+
+
 def test_rotation_keeps_newest_two(tmp_path):
     model, opt = make()
     mgr = CheckpointManager(tmp_path, keep=2)
