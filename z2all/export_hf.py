@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def export_hf(
     """Write the model (and tokenizer) of ``out_dir`` to ``save_dir`` in the transformers layout."""
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")
     save_dir = Path(save_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(out_dir)
     if tok_dir is None:
@@ -94,4 +97,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from z2all.training.checkpoint import (
+        CheckpointMismatchError,
+        CorruptCheckpointError,
+        UnsafeCheckpointError,
+    )
+
+    try:
+        main()
+    except (
+        FileNotFoundError,
+        ValueError,
+        CorruptCheckpointError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+    ) as e:
+        sys.exit(f"python -m z2all.export_hf: error: {e}")

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,4 +122,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"python -m z2all.plot: error: {e}")

@@ -25,6 +25,8 @@ def load_for_sampling(out_dir: str | Path, tokenizer_dir: str | Path | None = No
     from z2all.tokenizer import Z2allTokenizer
     from z2all.training.checkpoint import find_tokenizer_dir, load_model_from_dir
 
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(out_dir)
     if tok_dir is None:
         raise FileNotFoundError(
@@ -158,4 +160,19 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    from z2all.training.checkpoint import (
+        CheckpointMismatchError,
+        CorruptCheckpointError,
+        UnsafeCheckpointError,
+    )
+
+    try:
+        main()
+    except (
+        FileNotFoundError,
+        ValueError,
+        CorruptCheckpointError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+    ) as e:
+        sys.exit(f"python -m z2all.sample: error: {e}")

@@ -45,6 +45,14 @@ def test_cli_default_output(tmp_path):
     write_metrics(tmp_path / "run", 4)
     subprocess.run([sys.executable, "-m", "z2all.plot", str(tmp_path / "run")], check=True, timeout=120)
     assert (tmp_path / "run" / "metrics.png").read_bytes()[:8] == PNG_MAGIC
+    bad = subprocess.run(
+        [sys.executable, "-m", "z2all.plot", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("python -m z2all.plot: error: ")
+    assert "nothing/metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_errors_name_the_file(tmp_path):
