@@ -177,6 +177,12 @@ class _BinWriter:
     def __init__(self, bin_path: Path):
         self.bin_path = bin_path
         bin_path.parent.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a killed run writing this output (its .bin or its sidecar): never complete, drop them.
+        for stale in [
+            *bin_path.parent.glob(f".{bin_path.name}.tmp-*"),
+            *bin_path.parent.glob(f".{bin_path.name}.json.tmp-*"),
+        ]:
+            stale.unlink(missing_ok=True)
         self.tmp = bin_path.with_name(f".{bin_path.name}.tmp-{os.getpid()}")
         self.f = open(self.tmp, "wb")
         self.num_tokens = 0

@@ -240,3 +240,50 @@ def test_cli_flags_snapshot():
         "data_dir", "save_dir", "vocab_size", "tokenizer_type", "max_chars", "text_field", "min_frequency",
         "character_coverage", "max_sentence_bytes", "num_threads",
     ]  # fmt: skip
+
+
+def test_sigkill_mid_run_leaves_only_complete_pairs_and_rerun_finishes(tmp_path, tiny_tokenizer_dir):
+    """A real kill -9 while a .bin is being written: every visible .bin is either complete (sidecar
+    matching its size) or has no sidecar; the rerun then produces exactly a clean run's bytes."""
+    import signal
+    import time
+
+    from tests.data.conftest import BUILTIN_TEXTS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        with open(data / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(3000):
+                f.write(json.dumps({"text": f"{i} " + BUILTIN_TEXTS[i % len(BUILTIN_TEXTS)]}) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_preprocess.pretokenize_pretrain_data", f"--data_dir={data}"]
+    cmd += [
+        f"--tokenizer_dir={tiny_tokenizer_dir}",
+        f"--save_dir={out}",
+        "--num_workers=1",
+        "--chunk_chars=500",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(out.glob(".b.bin.tmp-*")):  # a.bin done, b.bin half written
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    visible = sorted(p.name for p in out.glob("*.bin"))
+    for name in visible:
+        if (out / f"{name}.json").exists():
+            read_sidecar(out / name)  # size matches the sidecar
+    assert not (out / "b.bin").exists() and not (out / "c.bin").exists()
+    assert pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))[0].skipped  # a.bin was complete
+    clean = pretokenize(_cfg(data, tiny_tokenizer_dir, tmp_path / "clean", num_workers=1))
+    for r in clean:
+        assert (out / r.bin_path.name).read_bytes() == r.bin_path.read_bytes()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], (
+        "the rerun removes the killed run's temp files"
+    )
