@@ -1,7 +1,8 @@
 """The bucket a communication hook sees: duck-type compatible with ``torch.distributed.GradBucket``.
 
 A hook is ``hook(state, bucket) -> torch.futures.Future[Tensor]``; its Future's value is the AVERAGE
-over the data-parallel group of ``bucket.buffer()`` (same numel and dtype). torch's own hooks
+over the data-parallel group of ``bucket.buffer()`` (same numel; a value in another dtype, e.g. from
+a compression wrapper, is cast back into the DDP's grad buffer). torch's own hooks
 (``default_hooks.allreduce_hook``, ``powerSGD_hook.powerSGD_hook``) run on this class unchanged.
 
 Invariants a hook may rely on when it is called:
@@ -16,7 +17,7 @@ And one rule a hook must keep: issue every collective from the hook call itself 
 never from a ``fut.then`` callback. The DDP calls hooks in the same bucket order on every rank, so
 collectives issued inline are paired correctly; gloo runs callbacks on its worker threads, so a
 collective launched there can interleave differently with the next bucket's on another rank (torch's
-``powerSGD_hook`` does this for its Q all-reduce: safe with one bucket or with NCCL, not in general).
+``powerSGD_hook`` does this for its Q all-reduce: safe with a single bucket, not in general).
 """
 
 from __future__ import annotations
