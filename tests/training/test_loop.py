@@ -29,11 +29,13 @@ SEQ = 8
 
 @dataclass
 class _Out:
+    loss: torch.Tensor | None
     logits: torch.Tensor
 
 
 class TinyLM(nn.Module):
-    """Embedding -> tanh MLP mixing the previous token -> LM head; enough to learn a pattern."""
+    """Embedding -> tanh MLP mixing the previous token -> LM head; enough to learn a pattern.
+    Same call convention as Z2allForCausalLM: ``labels`` aligned with inputs, shifted inside."""
 
     def __init__(self, vocab: int = VOCAB, dim: int = 16):
         super().__init__()
@@ -41,10 +43,16 @@ class TinyLM(nn.Module):
         self.mix = nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, input_ids: torch.Tensor) -> _Out:
+    def forward(self, input_ids: torch.Tensor, labels=None, return_logits: bool = True) -> _Out:
         h = self.embed(input_ids)  # (B, T, D)
         prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
-        return _Out(self.head(torch.tanh(self.mix(torch.cat([h, prev], dim=-1)))))
+        logits = self.head(torch.tanh(self.mix(torch.cat([h, prev], dim=-1))))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
+            )
+        return _Out(loss, logits)
 
 
 def make_data(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -85,7 +85,7 @@ def tiny_model():
     return Z2allForCausalLM(get_preset("tiny", vocab_size=64))
 
 
-def test_sft_loss_equals_models_own_shifted_loss(tiny_model):
+def test_sft_loss_equals_ce_on_shifted_logits(tiny_model):
     samples = [
         (torch.tensor([1, 5, 6, 7, 8, 9]), torch.tensor([IGNORE_INDEX, IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9])),
         (torch.tensor([1, 3, 4]), torch.tensor([IGNORE_INDEX, 3, 4])),
@@ -93,22 +93,26 @@ def test_sft_loss_equals_models_own_shifted_loss(tiny_model):
     task = SFTTask(pad_id=0)
     batch = task.collate(samples)
     assert batch["input_ids"].shape == (2, 6) and batch["input_ids"][1, 3:].tolist() == [0, 0, 0]
-    assert batch["targets"][0].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX]
-    ours = task.micro_loss(tiny_model, batch).loss
-    # the model shifts labels itself (HF convention); padding carries -100 so the two must agree
-    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 3, 4, 0, 0, 0]])
-    labels = torch.tensor([[-100, -100, 6, 7, -100, 9], [-100, 3, 4, -100, -100, -100]])
-    ref = tiny_model(ids, labels=labels).loss
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    ours = task.micro_loss(tiny_model, batch).loss  # the model's (possibly fused) loss path
+    # reference: plain CE over the logits, position t scored on labels[t + 1]
+    logits = tiny_model(batch["input_ids"]).logits
+    ref = token_mean_ce(logits, shift_labels(batch["labels"]))
+    manual = F.cross_entropy(
+        torch.cat([logits[0, [1, 2, 4]], logits[1, [0, 1]]]).float(), torch.tensor([6, 7, 9, 3, 4])
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, manual, rtol=1e-5, atol=1e-6)
 
 
 def test_pretrain_task_is_plain_next_token_ce(tiny_model):
     w = torch.randint(0, 64, (3, 9))
     task = PretrainTask()
     batch = task.collate([(w[i, :-1], w[i, 1:]) for i in range(3)])
+    assert torch.equal(batch["input_ids"], w)  # x plus the last target: one extra (unscored) token
     res = task.micro_loss(tiny_model, batch)
-    ref = tiny_model(w[:, :-1], labels=w[:, :-1].clone()).logits
-    want = F.cross_entropy(ref.reshape(-1, 64), w[:, 1:].reshape(-1))
+    logits = tiny_model(w[:, :-1]).logits  # (3, 8, V): every one of the 8 positions is scored
+    want = F.cross_entropy(logits.reshape(-1, 64).float(), w[:, 1:].reshape(-1))
     torch.testing.assert_close(res.loss, want, rtol=1e-5, atol=1e-6)
     assert res.n_tokens == 3 * 8
 

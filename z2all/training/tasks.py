@@ -1,10 +1,13 @@
 """The three training objectives: pretrain, SFT and DPO, as losses over one micro-batch.
 
-A micro-batch is a dict of tensors built by the task's ``collate``. Every task computes its loss from
-the model's logits itself (never ``out.loss``), with targets already aligned to the logit positions:
-``targets[b, t]`` is the token the model should predict after reading ``input_ids[b, :t+1]``, and
-``-100`` marks positions that carry no loss. Pretraining windows come that way from the dataset
-(``x = w[:-1], y = w[1:]``); SFT/DPO batches are shifted here.
+A micro-batch is a dict of tensors built by the task's ``collate``. Pretrain and SFT take the
+model's own loss, ``model(input_ids, labels=labels, return_logits=False).loss``: labels are aligned
+with ``input_ids`` (Hugging Face convention, shifted inside the model, -100 = no loss), and without
+logits the model may use a fused linear-cross-entropy kernel that never materialises the
+(B, T, vocab) logits. A pretraining window ``(x, y)`` (``y[t]`` follows ``x[t]``) becomes
+``input_ids = x + [y[-1]]``, ``labels = [-100] + y``: position t is scored on ``y[t]`` for all L
+positions, at the price of one extra input token. DPO needs per-sequence log-probs, so it reads the
+logits and scores ``targets`` aligned with them (``shift_labels``).
 
 Normalisation rule (so that 1 rank == N ranks): a micro-batch's loss is the *mean over its own
 trainable tokens* (pretrain/SFT) or over its pairs (DPO). The step loss is the mean of the G global
@@ -102,21 +105,23 @@ class PretrainTask:
     name = "pretrain"
 
     def collate(self, samples: list) -> dict[str, torch.Tensor]:
-        xs, ys = zip(*samples)
-        return {
-            "input_ids": torch.stack([torch.as_tensor(x) for x in xs]).long(),
-            "targets": torch.stack([torch.as_tensor(y) for y in ys]).long(),
-        }
+        x = torch.stack([torch.as_tensor(s[0]) for s in samples]).long()  # (B, L)
+        y = torch.stack([torch.as_tensor(s[1]) for s in samples]).long()  # (B, L)
+        ignore = torch.full_like(y[:, :1], IGNORE_INDEX)
+        # (B, L+1): position t < L is scored on labels[t+1] = y[t]; the extra last token is never scored
+        return {"input_ids": torch.cat([x, y[:, -1:]], 1), "labels": torch.cat([ignore, y], 1)}
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
-        logits = model(batch["input_ids"]).logits  # (B, T, V)
-        return MicroResult(token_mean_ce(logits, batch["targets"]), {}, batch["input_ids"].numel())
+        out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
+        b, t = batch["labels"].shape
+        return MicroResult(out.loss, {}, b * (t - 1))
 
 
 class SFTTask:
     """Loss only on assistant tokens: samples are ``(input_ids, labels)`` with -100 outside replies.
 
-    ``labels`` are aligned with ``input_ids`` (Hugging Face convention) and shifted here.
+    ``labels`` are aligned with ``input_ids`` (Hugging Face convention); the model shifts them.
+    Every SFTDataset sample has at least one trainable token, so no micro-batch mean is empty.
     """
 
     name = "sft"
@@ -129,11 +134,11 @@ class SFTTask:
 
         # Right padding: real tokens never attend to the pads after them, so no mask is needed.
         input_ids, labels, _ = sft_collate(samples, self.pad_id)  # (B, T) each
-        return {"input_ids": input_ids, "targets": shift_labels(labels)}
+        return {"input_ids": input_ids, "labels": labels}
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
-        logits = model(batch["input_ids"]).logits  # (B, T, V); right padding needs no attention mask
-        return MicroResult(token_mean_ce(logits, batch["targets"]), {}, batch["input_ids"].numel())
+        out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
+        return MicroResult(out.loss, {}, batch["input_ids"].numel())
 
 
 class DPOTask:
