@@ -120,6 +120,12 @@ def _unused_and_out_of_order(rank, world_size):
         cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, **SMALL_BUCKETS)
         out[f"unused,overlap={overlap}"] = run_pair(rank, cfg, {"unused": True}, steps=2, find_unused=True)
         out[f"order=(2,0,1),overlap={overlap}"] = run_pair(rank, cfg, {"order": (2, 0, 1)}, steps=2)
+        # Data-dependent: block 1 is unused on rank 1 only, so the two ranks complete different
+        # buckets during backward; the collective sequence must still match.
+        per_rank = {"order": (0, 1, 2) if rank == 0 else (0, 2)}
+        out[f"unused on rank 1 only,overlap={overlap}"] = run_pair(
+            rank, cfg, per_rank, steps=2, find_unused=True
+        )
         out[f"both,accum=2,overlap={overlap}"] = run_pair(
             rank, cfg, {"order": (1, 2, 0), "unused": True}, steps=2, accum=2, find_unused=True
         )
