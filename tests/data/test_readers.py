@@ -164,6 +164,8 @@ def test_list_data_files_skips_sidecars_hidden_and_other_types(tmp_path):
         "sub/c.parquet",
         "d.txt",
         "x.bin.json",
+        "x.ibin.json",
+        "dialogues.jsonl.sft.json",
         "x.bin",
         ".hidden.jsonl",
         "e.csv",

@@ -16,6 +16,11 @@ _EXPORTS = {
     "list_data_files": "z2all.data.readers",
     "PretokDatasetWithIndex": "z2all.data.pretrain_dataset",
     "GlobalBatchSampler": "z2all.data.sampler",
+    "render_chat": "z2all.data.chat",
+    "SFTDataset": "z2all.data.sft_dataset",
+    "sft_collate": "z2all.data.sft_dataset",
+    "DPODataset": "z2all.data.dpo_dataset",
+    "dpo_collate": "z2all.data.dpo_dataset",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -40,7 +40,8 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 DEFAULT_TEXT_FIELDS = ("text", "content")
 BAD_KINDS = ("invalid_json", "invalid_utf8", "not_an_object", "missing_field", "wrong_type", "empty_text")
 # Files our own tools write next to data (pretokenize sidecars); never read as corpus.
-_SIDECAR_SUFFIXES = (".bin.json", ".ibin.json")
+# Metadata written next to data by z2all tools; never read as corpus.
+_SIDECAR_SUFFIXES = (".bin.json", ".ibin.json", ".sft.json")
 _PARQUET_BATCH_ROWS = 1024
 
 
