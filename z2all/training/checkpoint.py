@@ -1,6 +1,7 @@
 """Checkpoints that survive crashes, change of world size and untrusted files.
 
-Design page: ``docs/checkpoint.md``. One checkpoint is a folder ``<out_dir>/step_<000123>/``::
+Design page: ``docs/checkpoint.md``; names and manifest checks live in
+:mod:`z2all.training.checkpoint_format`. One checkpoint is a folder ``<out_dir>/step_<000123>/``::
 
     state/            torch.distributed.checkpoint (DCP) of {"model": ..., "optim": ...}
     rank_00000.pt     per rank: {"rng": every RNG stream of that rank, "extra": the loop's dict}
@@ -26,12 +27,10 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import warnings
@@ -54,6 +53,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from z2all.training.checkpoint_format import (
+    DCP_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    OLD_PREFIX,
+    TMP_PREFIX,
+    CorruptCheckpointError,
+    files_under,
+    list_checkpoints,
+    read_manifest,
+    sha256_file,
+    verify_checkpoint,
+)
 from z2all.training.checkpoint_safety import (
     SafeFileSystemReader,
     SafeLoadPlanner,
@@ -77,18 +90,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "z2all-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DCP_DIR = "state"
-TMP_PREFIX = "ckpt_tmp-"
-OLD_PREFIX = "ckpt_old-"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CorruptCheckpointError(RuntimeError):
-    """Checkpoints exist but none of them is complete and readable."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -128,18 +129,6 @@ def _model_config_dict(model: nn.Module) -> dict | None:
     except TypeError:
         return None
     return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def _dist_on() -> bool:
@@ -186,64 +175,6 @@ def _single_process_ok(no_dist: bool) -> Iterator[None]:
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
-
-
-def list_checkpoints(out_dir: str | os.PathLike, with_manifest: bool = True) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the ``step_*`` folders (only those with a manifest unless
-    ``with_manifest=False``), newest first; nothing is verified here."""
-    out_dir = Path(out_dir)
-    found = []
-    if out_dir.is_dir():
-        for p in out_dir.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and p.is_dir() and (not with_manifest or (p / MANIFEST).is_file()):
-                found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
-    path = Path(ckpt_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{path}: unreadable manifest ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CorruptCheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{path}: format version {manifest.get('version')}, expected {FORMAT_VERSION}"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
-        for i in files.values()
-    ):
-        raise CorruptCheckpointError(f"{path}: 'files' must map names to {{'bytes': int, 'sha256': str}}")
-    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("world_size"), int):
-        raise CorruptCheckpointError(f"{path}: 'step' and 'world_size' must be integers")
-    return manifest
-
-
-def verify_checkpoint(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
-    """Why ``ckpt_dir`` is not a complete checkpoint, or None if it is (sizes, then sha256)."""
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        manifest = read_manifest(ckpt_dir)
-    except CorruptCheckpointError as e:
-        return str(e)
-    for rel, info in manifest["files"].items():
-        path = ckpt_dir / rel
-        try:
-            if not path.is_file():
-                return f"{path}: missing"
-            size = path.stat().st_size
-            if size != info["bytes"]:
-                return f"{path}: {size} bytes, manifest says {info['bytes']} (truncated?)"
-            if checksums and _sha256(path) != info["sha256"]:
-                return f"{path}: sha256 mismatch with {ckpt_dir / MANIFEST}"
-        except OSError as e:  # vanished or unreadable while we looked
-            return f"{path}: {e}"
-    return None
 
 
 def _check_model_fits(meta: Metadata, model_sd: dict[str, Any], source: Path) -> None:
@@ -371,8 +302,8 @@ class CheckpointManager:
         if rank == 0:
             fsync_dir(tmp / DCP_DIR)
             files = {
-                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                for p in _files_under(tmp)
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in files_under(tmp)
             }
             manifest = {
                 "format": FORMAT_NAME,

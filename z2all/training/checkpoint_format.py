@@ -1,0 +1,99 @@
+"""The on-disk format of a z2all checkpoint folder: names, the manifest, and its verification.
+
+See ``docs/checkpoint.md``. A checkpoint is complete exactly when its folder is named ``step_<N>``
+and holds a ``manifest.json`` that lists every other file with its size and sha256; the manifest is
+written last (``z2all.training.checkpoint.CheckpointManager.save``), so checking it is enough to
+tell a complete checkpoint from a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+FORMAT_NAME = "z2all-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DCP_DIR = "state"
+TMP_PREFIX = "ckpt_tmp-"
+OLD_PREFIX = "ckpt_old-"
+STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them is complete and readable."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every regular file below ``root``, sorted (the manifest's order)."""
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def list_checkpoints(out_dir: str | os.PathLike, with_manifest: bool = True) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step_*`` folders (only those with a manifest unless
+    ``with_manifest=False``), newest first; nothing is verified here."""
+    out_dir = Path(out_dir)
+    found = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = STEP_DIR_RE.match(p.name)
+            if m and p.is_dir() and (not with_manifest or (p / MANIFEST).is_file()):
+                found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path}: format version {manifest.get('version')}, expected {FORMAT_VERSION}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+        for i in files.values()
+    ):
+        raise CorruptCheckpointError(f"{path}: 'files' must map names to {{'bytes': int, 'sha256': str}}")
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("world_size"), int):
+        raise CorruptCheckpointError(f"{path}: 'step' and 'world_size' must be integers")
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
+    """Why ``ckpt_dir`` is not a complete checkpoint, or None if it is (sizes, then sha256)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except CorruptCheckpointError as e:
+        return str(e)
+    for rel, info in manifest["files"].items():
+        path = ckpt_dir / rel
+        try:
+            if not path.is_file():
+                return f"{path}: missing"
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                return f"{path}: {size} bytes, manifest says {info['bytes']} (truncated?)"
+            if checksums and sha256_file(path) != info["sha256"]:
+                return f"{path}: sha256 mismatch with {ckpt_dir / MANIFEST}"
+        except OSError as e:  # vanished or unreadable while we looked
+            return f"{path}: {e}"
+    return None
