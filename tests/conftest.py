@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -11,19 +12,25 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+_PROJECT_LOGGERS = ("z2all", "parallel", "optimizer", "data_preprocess", "__main__")
 
 
 @pytest.fixture(autouse=True)
 def _restore_global_state():
-    """Every test starts seeded in fp32 and leaves no default dtype, thread count or process group."""
+    """Every test starts seeded in fp32 and leaves no default dtype, thread count, logger setup
+    (entry points call ``setup_logging``, which would hide records from ``caplog``) or process group."""
     dtype = torch.get_default_dtype()
     threads = torch.get_num_threads()
+    loggers = [logging.getLogger(n) for n in _PROJECT_LOGGERS]
+    logger_state = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+    for lg, (handlers, level, propagate) in zip(loggers, logger_state):
+        lg.handlers, lg.level, lg.propagate = handlers, level, propagate
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
