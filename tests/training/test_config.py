@@ -159,3 +159,30 @@ def test_tracker_package_is_checked_up_front(tracker):
         pytest.skip(f"{tracker} is installed here")
     with pytest.raises(ConfigError, match=rf"--tracker={tracker} needs the '{tracker}' package"):
         parse_args(["--data_dir=d", f"--tracker={tracker}"])
+
+
+def test_model_config_preset_or_json(tmp_path):
+    from z2all.training.build import padded_vocab, resolve_model_config
+
+    assert padded_vocab(1000) == 1024 and padded_vocab(1024) == 1024
+    mc = resolve_model_config(parse_args(["--data_dir=d", "--model_config=tiny"]), 1000)
+    assert mc.vocab_size == 1024 and mc.hidden_size == 128  # tokenizer vocab padded to a multiple of 64
+    f = tmp_path / "m.json"
+    f.write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 256,
+            }
+        )
+    )
+    mc = resolve_model_config(parse_args(["--data_dir=d", f"--model_config={f}"]), 300)
+    assert (mc.vocab_size, mc.hidden_size, mc.num_hidden_layers) == (320, 64, 1)
+    f.write_text(json.dumps({"hidden_size": 64, "hiden": 3}))
+    with pytest.raises(ConfigError, match=rf"--model_config={f}: .*hiden"):
+        resolve_model_config(parse_args(["--data_dir=d", f"--model_config={f}"]), 300)
+    with pytest.raises(ConfigError, match="neither a preset"):
+        resolve_model_config(parse_args(["--data_dir=d", "--model_config=huge"]), 300)
