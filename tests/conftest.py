@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from z2all.log import PROJECT_LOGGERS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-_PROJECT_LOGGERS = ("z2all", "parallel", "optimizer", "data_preprocess", "__main__")
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +22,7 @@ def _restore_global_state():
     (entry points call ``setup_logging``, which would hide records from ``caplog``) or process group."""
     dtype = torch.get_default_dtype()
     threads = torch.get_num_threads()
-    loggers = [logging.getLogger(n) for n in _PROJECT_LOGGERS]
+    loggers = [logging.getLogger(n) for n in PROJECT_LOGGERS]
     logger_state = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     random.seed(0)
     np.random.seed(0)

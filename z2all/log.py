@@ -11,6 +11,9 @@ import logging
 import os
 import sys
 
+# Top-level loggers of the project's packages (and of entry-point scripts run as __main__).
+PROJECT_LOGGERS = ("z2all", "parallel", "optimizer", "data_preprocess", "__main__")
+
 
 class _RankFilter(logging.Filter):
     def __init__(self, rank: int, debug: bool):
@@ -33,9 +36,11 @@ def setup_logging(rank: int | None = None, debug: bool = False) -> logging.Logge
     """Configure the ``z2all``/``parallel``/``optimizer``/``data_preprocess`` loggers; idempotent."""
     rank = env_rank() if rank is None else rank
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s] %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s] %(message)s", "%H:%M:%S")
+    )
     handler.addFilter(_RankFilter(rank, debug))
-    for name in ("z2all", "parallel", "optimizer", "data_preprocess", "__main__"):
+    for name in PROJECT_LOGGERS:
         lg = logging.getLogger(name)
         lg.handlers = [handler]
         lg.setLevel(logging.DEBUG if debug else logging.INFO)
