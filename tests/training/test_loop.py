@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tests.dist_utils import run_distributed
-from z2all.training.config import TrainConfig
+from z2all.training.config import ConfigError, TrainConfig
 from z2all.training.loop import Components, train
 from z2all.training.metrics import read_metrics
 from z2all.training.tasks import PretrainTask
@@ -137,6 +137,13 @@ def test_loss_falls_and_outputs_written(tmp_path):
     saved = json.loads((Path(cfg.out_dir) / "config.json").read_text())
     assert saved == cfg.to_dict()
     assert any(p.name.startswith("step_") for p in Path(cfg.out_dir).iterdir())
+
+
+def test_fresh_run_refuses_a_used_out_dir(tmp_path):
+    cfg = make_cfg(tmp_path / "used", max_iters=1, lr_decay_iters=1, warmup_iters=0, eval_interval=0)
+    train(cfg, make_components(cfg))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, make_components(cfg))
 
 
 def test_accumulation_equals_one_big_batch(tmp_path):

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from z2all.data.sampler import GlobalBatchSampler
-from z2all.training.config import TrainConfig
+from z2all.training.config import ConfigError, TrainConfig
 from z2all.training.lr_schedule import CosineSchedule, set_lr
 from z2all.training.metrics import MetricsWriter, console_line, write_run_info
 from z2all.training.parallelize import DataParallelModel, unwrap
@@ -270,6 +271,21 @@ def _mfu(comp: Components, tokens_per_s: float, device: torch.device, cfg: Train
     return float(estimate_mfu(comp.model_config, cfg.max_seq_len, tokens_per_s, peak * world))
 
 
+def _refuse_to_mix_runs(cfg: TrainConfig) -> None:
+    """A fresh run in a folder that holds another run's history would interleave two runs' metrics
+    and checkpoints; require --resume (continue it) or another --out_dir."""
+    out = Path(cfg.out_dir)
+    if cfg.resume or not out.is_dir():
+        return
+    has_metrics = (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0
+    has_ckpt = any(p.name.startswith("step_") for p in out.iterdir())
+    if has_metrics or has_ckpt:
+        raise ConfigError(
+            f"--out_dir={cfg.out_dir} already holds a run (metrics.jsonl / checkpoints): pass --resume to "
+            f"continue it, or choose another --out_dir"
+        )
+
+
 def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module docstring."""
     from z2all.training.checkpoint import CheckpointManager
@@ -287,6 +303,7 @@ def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult
         comp = components
         # From here on each rank has its own streams (dropout differs across ranks, as in torch DDP).
         seed_all(rank_seed(cfg.seed, rank))
+        _refuse_to_mix_runs(cfg)
         if rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
             cfg.save(cfg.out_dir)
