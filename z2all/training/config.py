@@ -126,7 +126,7 @@ class TrainConfig:
     overlap_grad_reduce: bool = True
     """z2all DDP: start each bucket's all-reduce during backward as soon as it is full."""
     bucket_size: int = 40_000_000
-    """z2all DDP: gradient bucket size in elements."""
+    """Gradient bucket size in elements (z2all DDP; torch DDP gets the same size as bucket_cap_mb)."""
     grad_reduce_in_fp32: bool = True
     """z2all DDP: keep and reduce the gradient buffer in fp32."""
     comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = "allreduce"

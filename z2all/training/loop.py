@@ -259,6 +259,17 @@ def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.devi
     return info
 
 
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated by this rank, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def _mfu(comp: Components, tokens_per_s: float, device: torch.device, cfg: TrainConfig, world: int):
     """Model FLOPs utilisation on GPU (None on CPU or an unknown GPU): achieved / (world x peak)."""
     if device.type != "cuda" or comp.model_config is None:
@@ -394,7 +405,7 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
             if done == start_step + 1:
                 write_run_info(cfg.out_dir, _run_info(cfg, comp, world, device, dp))
             if done % cfg.log_interval == 0 or last or done == start_step + 1:
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                peak = _peak_memory_gb(device)
                 log.info(console_line(rec, cfg.max_iters, step_seconds, peak))
         if last or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
             extra = {"step": done, "tokens": tokens, "world_size": world}
