@@ -122,6 +122,8 @@ class DistributedDataParallel(nn.Module):
         self._sync_enabled = True  # False inside no_sync()
         self._backward_seen = False
 
+        self._grad_is_view: set[nn.Parameter] = set()
+        self._attach_grad_views()
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
         logger.info(
             "DDP: %d params in %d buffer(s), %d bucket(s) %s, world %d, overlap=%s",
@@ -159,8 +161,13 @@ class DistributedDataParallel(nn.Module):
                 "iteration (a second backward outside no_sync()?). Wrap all but the last micro-step "
                 "in ddp.no_sync()."
             )
-        param.main_grad.add_(param.grad)  # fp32 main_grad += bf16 grad upcasts exactly
-        param.grad = None  # free it now: main_grad is the only gradient storage
+        main_grad = param.main_grad
+        if param.grad.data_ptr() != main_grad.data_ptr():
+            # A fresh .grad (grad dtype != param dtype, or .grad was set to None by the user): fold it
+            # into the buffer and free it. Otherwise AccumulateGrad already added in place into
+            # main_grad (the view we made param.grad), as torch DDP's gradient_as_bucket_view does.
+            main_grad.add_(param.grad)  # fp32 main_grad += bf16 grad upcasts exactly
+            param.grad = main_grad if param in self._grad_is_view else None
         if not self._sync_enabled:
             return
         bucket.params_ready.add(param)
@@ -196,6 +203,18 @@ class DistributedDataParallel(nn.Module):
             )
         self._futures[bucket.index] = fut
         self._next_bucket += 1
+
+    def _attach_grad_views(self) -> None:
+        """Make ``param.grad`` the (zeroed) ``main_grad`` view wherever dtypes allow, so backward's
+        AccumulateGrad adds straight into the grad buffer: no extra gradient tensor, no copy."""
+        self._grad_is_view = {
+            p
+            for b in self.buckets
+            if self._sets_grad and b.grad_data.dtype == b.param_data.dtype
+            for p in b.params
+        }
+        for p in self._param_to_bucket:
+            p.grad = p.main_grad if p in self._grad_is_view else None
 
     @property
     def _sets_grad(self) -> bool:
@@ -234,6 +253,8 @@ class DistributedDataParallel(nn.Module):
         self.start_grad_sync()
         for bucket, fut in zip(self.buckets, self._futures, strict=True):
             value = fut.wait()
+            if isinstance(value, list) and len(value) == 1:
+                value = value[0]  # a raw collective Future (``work.get_future()``) holds [tensor]
             if not isinstance(value, torch.Tensor) or value.numel() != bucket.grad_data.numel():
                 raise RuntimeError(
                     f"comm hook Future for bucket {bucket.index} must hold a tensor of "
@@ -250,14 +271,17 @@ class DistributedDataParallel(nn.Module):
                     p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
 
     def zero_grad_buffer(self) -> None:
-        """Zero every main grad, drop ``param.grad`` and reset per-iteration bucket state."""
+        """Zero every main grad and reset per-iteration bucket state.
+
+        Afterwards ``param.grad`` is the zeroed ``main_grad`` view for same-dtype grads (backward
+        accumulates straight into the buffer) and None for the others.
+        """
         for fut in self._futures:
             if fut is not None and not fut.done():
                 fut.wait()  # never zero a buffer a collective may still write into
-        for p in self._param_to_bucket:
-            p.grad = None
         for buf in self.param_and_grad_buffers:
             buf.zero_grad_buffer()
+        self._attach_grad_views()
         self._futures = [None] * len(self.buckets)
         self._next_bucket = 0
         self._grads_synced = False
@@ -272,6 +296,7 @@ class DistributedDataParallel(nn.Module):
         if self._backward_seen:
             raise RuntimeError("register_comm_hook must be called before the first backward")
         self._comm_hook, self._comm_hook_state = hook, state
+        self._attach_grad_views()  # a hook makes the whole buffer valid even with the distributed optimizer
 
     @property
     def comm_bytes(self) -> int:

@@ -52,11 +52,22 @@ def batches(rank: int, steps: int, accum: int, batch: int = 6, d_in: int = 8):
     ]
 
 
-def run_pair(rank, cfg: DistributedDataParallelConfig, model_kwargs, steps=2, accum=1, find_unused=False):
+def run_pair(
+    rank,
+    cfg: DistributedDataParallelConfig,
+    model_kwargs,
+    steps=2,
+    accum=1,
+    find_unused=False,
+    user_set_to_none=False,
+):
     """Train the same model with torch DDP and with ours (SGD); return per-step grad errors.
 
     Returns a list over steps of ``max_p |g_ours - g_ref|_max / max(|g_ref|_max, 1e-12)``, comparing
     ``param.grad`` after ``finish_grad_sync()`` with torch DDP's ``param.grad`` (None read as 0).
+    Ours follows the documented protocol (``zero_grad_buffer()`` only: backward accumulates into the
+    ``.grad`` = ``main_grad`` views); ``user_set_to_none`` also calls ``optimizer.zero_grad()`` on it, so
+    backward makes fresh ``.grad`` tensors that the hook must fold into the buffer.
     """
     torch.manual_seed(0)
     base = TinyNet(**model_kwargs)
@@ -71,7 +82,8 @@ def run_pair(rank, cfg: DistributedDataParallelConfig, model_kwargs, steps=2, ac
     errors = []
     for micro in batches(rank, steps, accum):
         for model, opt in ((ref, opt_ref), (ours, opt_ours)):
-            opt.zero_grad(set_to_none=True)
+            if model is ref or user_set_to_none:
+                opt.zero_grad(set_to_none=True)
             for i, (x, y) in enumerate(micro):
                 ctx = model.no_sync() if i < accum - 1 else contextlib.nullcontext()
                 with ctx:
@@ -108,6 +120,9 @@ def _equivalence_grid(rank, world_size):
         for accum in (1, 3):
             cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, **SMALL_BUCKETS)
             out[f"overlap={overlap},accum={accum}"] = run_pair(rank, cfg, {}, steps=2, accum=accum)
+        out[f"overlap={overlap},accum=3,user set_to_none"] = run_pair(
+            rank, cfg, {}, steps=2, accum=3, user_set_to_none=True
+        )
     # One bucket for everything (bucket_size None, no small first bucket).
     cfg = DistributedDataParallelConfig(bucket_size=None, first_bucket_size=None)
     out["one bucket"] = run_pair(rank, cfg, {}, steps=2, accum=1)
