@@ -289,3 +289,21 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     )
     train(cfg, make_components(cfg))
     assert list((tmp_path / "tb" / "tracker").glob("events.out.tfevents.*"))
+
+
+def test_resume_refuses_to_move_optimizer_state_between_homes():
+    from types import SimpleNamespace
+
+    from z2all.training.loop import _check_optimizer_home
+
+    plain, overlapped = SimpleNamespace(steps_optimizer=False), SimpleNamespace(steps_optimizer=True)
+    _check_optimizer_home({"world_size": 2, "overlap_optim_step": False}, plain, 4)  # plain: any world size
+    _check_optimizer_home({"world_size": 2, "overlap_optim_step": True}, overlapped, 2)
+    _check_optimizer_home({"world_size": 1}, plain, 1)  # checkpoints without the key: plain
+    for extra, dp, world in [
+        ({"world_size": 2, "overlap_optim_step": True}, plain, 2),
+        ({"world_size": 2, "overlap_optim_step": False}, overlapped, 2),
+        ({"world_size": 2, "overlap_optim_step": True}, overlapped, 4),
+    ]:
+        with pytest.raises(RuntimeError, match="cannot resume: the checkpoint's optimizer state"):
+            _check_optimizer_home(extra, dp, world)

@@ -282,6 +282,19 @@ def _mfu(comp: Components, tokens_per_s: float, device: torch.device, cfg: Train
     return float(estimate_mfu(comp.model_config, cfg.max_seq_len, tokens_per_s, peak * world))
 
 
+def _check_optimizer_home(extra: dict, dp: DataParallelModel, world: int) -> None:
+    """AdamW moments live in the main optimizer (DCP state) or, with --overlap_optim_step, in per-bucket
+    optimizers inside the per-rank comm state. Resuming across the two homes (or moving overlapped
+    state to another world size) would silently restart the moments: refuse instead."""
+    saved = bool(extra.get("overlap_optim_step", False))
+    if saved != dp.steps_optimizer or (saved and int(extra.get("world_size", -1)) != world):
+        raise RuntimeError(
+            f"cannot resume: the checkpoint's optimizer state was kept with overlap_optim_step={saved} on "
+            f"world size {extra.get('world_size')}, this run has overlap_optim_step={dp.steps_optimizer} on "
+            f"world size {world}; resume with the saved setting and world size"
+        )
+
+
 def _refuse_to_mix_runs(cfg: TrainConfig) -> None:
     """A fresh run in a folder that holds another run's history would interleave two runs' metrics
     and checkpoints; require --resume (continue it) or another --out_dir."""
@@ -347,6 +360,8 @@ def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult
         dp = DataParallelModel(
             run_model, cfg, device, start_step, comm_state, make_bucket_optimizer=comp.make_bucket_optimizer
         )
+        if extra is not None:
+            _check_optimizer_home(extra, dp, world)
         tracker = (
             build_tracker(
                 cfg.tracker,
@@ -408,7 +423,12 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
                 peak = _peak_memory_gb(device)
                 log.info(console_line(rec, cfg.max_iters, step_seconds, peak))
         if last or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
-            extra = {"step": done, "tokens": tokens, "world_size": world}
+            extra = {
+                "step": done,
+                "tokens": tokens,
+                "world_size": world,
+                "overlap_optim_step": dp.steps_optimizer,
+            }
             if trainer.scaler.is_enabled():
                 extra["scaler"] = trainer.scaler.state_dict()
             comm_state = dp.comm_state_dict()
