@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.ddp_comm_hooks.bucket import GradBucket
-from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, allreduce_hook, reduce_scatter_hook
+from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, _allreduce_future, reduce_scatter_hook
 from parallel.distributed_data_parallel_config import DistributedDataParallelConfig
 from parallel.param_and_grad_buffer import ParamAndGradBuffer, _Bucket
 
@@ -196,7 +196,7 @@ class DistributedDataParallel(nn.Module):
         elif self.config.use_distributed_optimizer:
             fut = reduce_scatter_hook(self._default_state, gb)
         else:
-            fut = allreduce_hook(self._default_state, gb)
+            fut = _allreduce_future(self._default_state, gb)  # allreduce_hook minus its .then()
         if not isinstance(fut, torch._C.Future):  # torch.futures.Future and .then() results
             raise TypeError(
                 f"comm hook returned {type(fut).__name__} for bucket {bucket.index}, not a Future"
@@ -254,7 +254,7 @@ class DistributedDataParallel(nn.Module):
         for bucket, fut in zip(self.buckets, self._futures, strict=True):
             value = fut.wait()
             if isinstance(value, list) and len(value) == 1:
-                value = value[0]  # a raw collective Future (``work.get_future()``) holds [tensor]
+                value = value[0]  # a collective's own Future (``work.get_future()``) holds [tensor]
             if not isinstance(value, torch.Tensor) or value.numel() != bucket.grad_data.numel():
                 raise RuntimeError(
                     f"comm hook Future for bucket {bucket.index} must hold a tensor of "

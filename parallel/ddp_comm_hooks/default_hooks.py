@@ -48,12 +48,20 @@ def _prepare_average(tensor: torch.Tensor, group: dist.ProcessGroup, avg: bool) 
 
 def allreduce_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce ``bucket.buffer()`` in place to the average over the group."""
+    return _allreduce_future(state, bucket).then(lambda fut: fut.value()[0])
+
+
+def _allreduce_future(state, bucket) -> torch.futures.Future[list[torch.Tensor]]:
+    """The collective's own Future (value ``[bucket.buffer()]``), with no Python callback chained.
+
+    The DDP uses this when no hook is registered: a ``.then`` callback runs on gloo's worker thread
+    and must take the GIL before that thread can start the next bucket's collective.
+    """
     group, avg = _resolve(state)
     buf = bucket.buffer()  # (numel_padded,)
     op = _prepare_average(buf, group, avg)
     bucket.record_comm_bytes(buf.numel() * buf.element_size())
-    work = dist.all_reduce(buf, op=op, group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+    return dist.all_reduce(buf, op=op, group=group, async_op=True).get_future()
 
 
 def reduce_scatter_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
