@@ -2,7 +2,9 @@
 
 Data flow of one iteration (design page with the full picture: ``docs/ddp.md``)::
 
-    backward: AccumulateGrad(p) -> post-accumulate hook: p.main_grad += p.grad; p.grad = None
+    backward: AccumulateGrad(p): p.grad += g in place, p.grad being the p.main_grad view (same dtype;
+              otherwise a fresh p.grad that the post-accumulate hook adds into main_grad and frees)
+              -> post-accumulate hook marks p ready in its bucket
               bucket complete?  -> launch every complete bucket from ``_next_bucket`` on, in index
                                    order: hook(state, GradBucket) -> Future (async collective)
     finish_grad_sync(): launch the rest in index order, wait all Futures, p.grad = averaged grad
