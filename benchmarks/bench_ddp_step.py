@@ -4,7 +4,8 @@ Spawns ``--world-size`` CPU processes (gloo on loopback, 1 thread each), builds 
 model for every variant, and times full training steps (forward, backward, gradient sync, SGD step,
 zero grads) in interleaved rounds: round r runs ``--steps`` steps of every variant, in an order that
 rotates per round, so machine-load drift hits all variants alike. Prints one JSON object (rank 0):
-median step time per variant and the ratio of each of ours to torch DDP with default settings.
+median step time per variant, the ratio of each to torch DDP with default settings, and the
+per-round paired ratios (median, min, max over rounds).
 
     python benchmarks/bench_ddp_step.py                      # defaults below
     python benchmarks/bench_ddp_step.py --layers 4 --width 256 --rounds 4
@@ -91,6 +92,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(args.batch, args.width, generator=g)
         times: dict[str, list[float]] = {k: [] for k in variants}
+        per_round: dict[str, list[float]] = {k: [] for k in variants}  # median step time of each round
         names = list(variants)
         for name in names:  # warm-up: allocator, autograd graph, torch DDP bucket rebuild
             for _ in range(2):
@@ -99,10 +101,13 @@ def worker(rank: int, world: int, port: int, args) -> None:
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 dist.barrier()
+                round_times = []
                 for _ in range(args.steps):
                     t0 = time.perf_counter()
                     step(variants[name], opts[name], x)
-                    times[name].append(time.perf_counter() - t0)
+                    round_times.append(time.perf_counter() - t0)
+                times[name] += round_times
+                per_round[name].append(statistics.median(round_times))
         if rank == 0:
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             n_params = sum(p.numel() for p in base.parameters())
@@ -118,6 +123,15 @@ def worker(rank: int, world: int, port: int, args) -> None:
                 "steps_per_variant": args.rounds * args.steps,
                 "median_step_ms": {k: round(v, 2) for k, v in med.items()},
                 "ratio_vs_torch_ddp": {k: round(v / med["torch_ddp"], 3) for k, v in med.items()},
+                # Per round, variant median / torch_ddp median of the same round (adjacent in time,
+                # so robust to load drift): median, min and max over rounds.
+                "paired_round_ratio_vs_torch_ddp": {
+                    k: [
+                        round(f(a / b for a, b in zip(v, per_round["torch_ddp"])), 3)
+                        for f in (statistics.median, min, max)
+                    ]
+                    for k, v in per_round.items()
+                },
             }
             print(json.dumps(result, indent=2))
     finally:
