@@ -15,8 +15,18 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["z2all", "z2all.*", "parallel", "parallel.*", "optimizer",
-                                    "optimizer.*", "data_preprocess", "data_preprocess.*"]),
+    packages=find_packages(
+        include=[
+            "z2all",
+            "z2all.*",
+            "parallel",
+            "parallel.*",
+            "optimizer",
+            "optimizer.*",
+            "data_preprocess",
+            "data_preprocess.*",
+        ]
+    ),
     package_data={"z2all": ["presets/*.json"]},
     install_requires=[
         "torch>=2.4",

@@ -30,7 +30,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_command():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    """The quick-start demo (fewer steps): tokenizer, pretokenize, index, torchrun pretrain and SFT, sample."""
+    """The quick-start demo, fewer steps: tokenizer, pretokenize, index, torchrun pretrain + SFT, sample."""
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "z2all.demo", f"--out_dir={out}", "--pretrain_iters=40", "--sft_iters=20"],
