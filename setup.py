@@ -39,10 +39,17 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # interop and optional accelerators: never required
+        # interop, trackers and optional accelerators: never required, each has a PyTorch fallback.
+        # apex is not on PyPI: build it from NVIDIA's repository for FusedAdam / fused RMSNorm.
         "hf": ["transformers>=4.40"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        "swanlab": ["swanlab"],
+        "wandb": ["wandb"],
+        "flash": ["flash-attn"],
+        "liger": ["liger-kernel"],
+        "xformers": ["xformers"],
+        "bench": ["transformers>=4.40", "datasets"],
         "test": ["pytest", "ruff", "transformers>=4.40", "matplotlib"],
     },
 )
