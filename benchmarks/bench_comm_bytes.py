@@ -2,9 +2,9 @@
 
 Part 1 (measured): the Llama ``tiny`` preset trained through ``parallel.DistributedDataParallel`` on
 ``--world-size`` gloo CPU ranks; ``ddp.comm_bytes`` of one synchronised step for each hook, and its
-ratio to plain all-reduce in the same run. fp16/bf16 use the DDP's compression wrapper when
-``parallel.ddp_comm_hooks.default_hooks`` has one (``fp16_compress_wrapper``/``bf16_compress_wrapper``);
-otherwise they are computed from shapes (2 bytes per element) and marked ``"source": "shapes"``.
+ratio to plain all-reduce in the same run. fp16/bf16 are ``fp16_compress_wrapper(allreduce_hook)`` /
+``bf16_compress_wrapper(allreduce_hook)``, and ``fp16_powersgd_rank4`` wraps PowerSGD rank 4 (P, Q and
+the uncompressed tensors travel in fp16).
 
 Part 2 (from shapes, with the hook's own compress/skip rule): the compression ratio of one
 7B-shaped Llama layer (hidden 4096, intermediate 11008, 32 heads, no GQA), 2-D weights alone and
@@ -43,14 +43,25 @@ def _hooks() -> dict:
     from parallel.ddp_comm_hooks import default_hooks
     from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
-    hooks: dict = {"allreduce": None}
-    for name in ("fp16", "bf16"):
-        wrapper = getattr(default_hooks, f"{name}_compress_wrapper", None)
-        if wrapper is not None:
-            hooks[name] = (lambda: default_hooks.DefaultHookState(), wrapper(default_hooks.allreduce_hook))
+    hooks: dict = {
+        "allreduce": None,
+        "fp16": (
+            default_hooks.DefaultHookState,
+            default_hooks.fp16_compress_wrapper(default_hooks.allreduce_hook),
+        ),
+        "bf16": (
+            default_hooks.DefaultHookState,
+            default_hooks.bf16_compress_wrapper(default_hooks.allreduce_hook),
+        ),
+    }
     for r in RANKS:
         cfg = PowerSGDConfig(matrix_approximation_rank=r, start_powerSGD_iter=1)
         hooks[f"powersgd_rank{r}"] = (lambda cfg=cfg: PowerSGDState(None, cfg), powerSGD_hook)
+    cfg4 = PowerSGDConfig(matrix_approximation_rank=4, start_powerSGD_iter=1)
+    hooks["fp16_powersgd_rank4"] = (
+        lambda: PowerSGDState(None, cfg4),
+        default_hooks.fp16_compress_wrapper(powerSGD_hook),
+    )
     return hooks
 
 
@@ -116,9 +127,6 @@ def main() -> None:
     tiny = {}
     for name, m in measured.items():
         tiny[name] = {**m, "ratio_to_allreduce": round(m["bytes_per_step"] / base, 4), "source": "ddp"}
-    for name in ("fp16", "bf16"):
-        if name not in tiny:
-            tiny[name] = {"bytes_per_step": base // 2, "ratio_to_allreduce": 0.5, "source": "shapes"}
 
     mats, norms = llama_layer_shapes(4096, 11008, 32, 32)
     layer_7b = {

@@ -2,7 +2,7 @@
 
 ``bucket`` is :class:`parallel.ddp_comm_hooks.bucket.GradBucket` (duck-type compatible with
 ``torch.distributed.GradBucket``); :mod:`default_hooks` holds the all-reduce / reduce-scatter the DDP
-uses when no hook is registered.
+uses when no hook is registered, and the fp16/bf16 compression hooks and wrappers.
 """
 
 from parallel.ddp_comm_hooks.bucket import GradBucket
@@ -10,7 +10,9 @@ from parallel.ddp_comm_hooks.default_hooks import (
     DefaultHookState,
     allreduce_hook,
     bf16_compress_hook,
+    bf16_compress_wrapper,
     fp16_compress_hook,
+    fp16_compress_wrapper,
     reduce_scatter_hook,
 )
 
@@ -19,6 +21,8 @@ __all__ = [
     "GradBucket",
     "allreduce_hook",
     "bf16_compress_hook",
+    "bf16_compress_wrapper",
     "fp16_compress_hook",
+    "fp16_compress_wrapper",
     "reduce_scatter_hook",
 ]

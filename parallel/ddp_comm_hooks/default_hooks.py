@@ -129,3 +129,46 @@ def fp16_compress_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
 def bf16_compress_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce the bucket in bfloat16 (fp32's exponent range, 8-bit mantissa)."""
     return _compress_hook(torch.bfloat16, state, bucket)
+
+
+def _compress_wrapper(dtype: torch.dtype, hook):
+    """Wrap ``hook`` so it communicates a ``dtype`` copy of the bucket; the result lands in fp32 again.
+
+    The inner hook sees ``bucket.buffer()`` as the low-precision copy (so a z2all hook records half
+    the bytes) and keeps its state in that dtype; the reduced copy is cast back into the DDP's own
+    buffer in place, so the Future's value is that buffer, as for an uncompressed hook.
+    """
+
+    def wrapped(state, bucket) -> torch.futures.Future[torch.Tensor]:
+        full = bucket.buffer()  # (numel_padded,) grad dtype (fp32): the DDP's storage
+        bucket.set_buffer(full.to(dtype))  # the inner hook works on, and sends, this copy
+        fut = hook(state, bucket)
+
+        def decompress(f: torch.futures.Future) -> torch.Tensor:
+            value = f.value()
+            if isinstance(value, list) and len(value) == 1:
+                value = value[0]  # a collective's own Future holds [tensor]
+            full.copy_(value)  # dtype -> fp32 upcast is exact: accumulation continues in fp32
+            return full
+
+        return fut.then(decompress)
+
+    wrapped.__name__ = (
+        f"{str(dtype).removeprefix('torch.')}_compress_wrapper({getattr(hook, '__name__', hook)})"
+    )
+    wrapped.__wrapped__ = hook
+    return wrapped
+
+
+def fp16_compress_wrapper(hook):
+    """``hook`` communicating in float16: ``fp16_compress_wrapper(powerSGD_hook)`` sends P and Q in fp16.
+
+    Same as torch's ``default_hooks.fp16_compress_wrapper``; ``fp16_compress_wrapper(allreduce_hook)``
+    gives the numbers of :func:`fp16_compress_hook`.
+    """
+    return _compress_wrapper(torch.float16, hook)
+
+
+def bf16_compress_wrapper(hook):
+    """``hook`` communicating in bfloat16 (fp32's exponent range): torch's ``bf16_compress_wrapper``."""
+    return _compress_wrapper(torch.bfloat16, hook)
