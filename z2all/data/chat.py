@@ -34,6 +34,21 @@ class ChatFormatError(ValueError):
     """A message list that the template cannot render (unknown role, non-string content, ...)."""
 
 
+def check_utf8(text: str, where: str, what: str) -> None:
+    """Raise :class:`ChatFormatError` if ``text`` cannot be encoded as UTF-8.
+
+    Valid JSON may hold a lone surrogate (``"\\ud800"``); Python keeps it in the ``str`` but no
+    tokenizer can encode it (the HF tokenizer raises ``TypeError`` deep inside ``encode_batch``), so
+    such a record must be rejected here, where it is counted as bad, not when the batch is encoded.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ChatFormatError(
+            f"{where}: {what} is not valid UTF-8 ({e.reason} at position {e.start})"
+        ) from None
+
+
 class ChatTokenizer(Protocol):
     """What rendering needs from a tokenizer (``z2all.tokenizer.Z2allTokenizer`` provides it)."""
 
@@ -63,6 +78,7 @@ def validate_messages(messages: Any, where: str = "messages") -> None:
                 f"{where}: message {i} ({role}) has content of type {type(content).__name__}, "
                 "expected a string"
             )
+        check_utf8(content, where, f"message {i} ({role}) content")
 
 
 class _Pieces:

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from z2all.data.chat import ChatFormatError, validate_messages
+from z2all.data.chat import ChatFormatError, check_utf8, validate_messages
 
 
 class DPORecordError(ChatFormatError):
     """A record in none of the accepted DPO layouts."""
+
+
+def _check_utf8(text: str, where: str, what: str) -> None:
+    """:func:`~z2all.data.chat.check_utf8` raising this module's error (a lone surrogate is a bad record)."""
+    try:
+        check_utf8(text, where, what)
+    except ChatFormatError as e:
+        raise DPORecordError(str(e)) from None
 
 
 def _str_field(record: dict, key: str, where: str, required: bool = True) -> str:
@@ -29,6 +37,7 @@ def _str_field(record: dict, key: str, where: str, required: bool = True) -> str
     if not isinstance(value, str):
         kind = "missing" if value is None else f"a {type(value).__name__}"
         raise DPORecordError(f"{where}: '{key}' is {kind}, expected a string")
+    _check_utf8(value, where, f"'{key}'")
     return value
 
 
@@ -60,6 +69,8 @@ def dpo_record_to_parts(record: Any, where: str) -> tuple[list[dict], str, str]:
         if not (isinstance(answer, list) and len(answer) == 2 and all(isinstance(a, str) for a in answer)):
             raise DPORecordError(f"{where}: 'answer' must be [chosen, rejected], two strings")
         chosen, rejected = answer
+        _check_utf8(chosen, where, "'answer[0]'")
+        _check_utf8(rejected, where, "'answer[1]'")
     elif "prompt" in record:
         question = _str_field(record, "prompt", where)
         chosen = _str_field(record, "chosen", where)

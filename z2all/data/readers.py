@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,12 @@ BAD_KINDS = ("invalid_json", "invalid_utf8", "not_an_object", "missing_field", "
 # Metadata written next to data by z2all tools; never read as corpus.
 _SIDECAR_SUFFIXES = (".bin.json", ".ibin.json", ".sft.json")
 _PARQUET_BATCH_ROWS = 1024
+# A "\uD800".."\uDFFF" JSON escape that is not half of a high+low pair: valid JSON, not encodable UTF-8.
+_LONE_SURROGATE_ESCAPE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+_SCAN_BLOCK = 16 << 20
 
 
 class DataFileError(ValueError):
@@ -213,6 +220,32 @@ def _iter_jsonl(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
             yield lineno, rec
 
 
+def _has_lone_surrogate_escape(f) -> bool:
+    """True if the binary file ``f`` holds a lone-surrogate escape (read in blocks; rewinds ``f``).
+
+    ijson's fast C backend silently turns such an escape into ``"?"``, which would put corrupted text
+    into the corpus instead of counting the record as ``invalid_utf8``. Each round judges the matches
+    that start in ``[lo, len(buf) - 12)``: 12 bytes after the start let the look-ahead see the pair,
+    and the 24 carried bytes keep the 6-byte look-behind of the next round's first judged match.
+    """
+    f.seek(0)
+    buf = b""
+    lo = 0  # matches before lo were judged in the previous round (with their full context)
+    while True:
+        block = f.read(_SCAN_BLOCK)
+        eof = not block
+        buf += block
+        hi = len(buf) if eof else len(buf) - 12
+        if any(lo <= m.start() < hi for m in _LONE_SURROGATE_ESCAPE.finditer(buf)):
+            f.seek(0)
+            return True
+        if eof:
+            f.seek(0)
+            return False
+        lo = max(0, hi - max(0, len(buf) - 24))  # == 12 once buf holds >= 24 bytes
+        buf = buf[-24:]
+
+
 def _iter_json_array(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
     import ijson
 
@@ -223,10 +256,12 @@ def _iter_json_array(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]
                 f"{path}: a .json data file must be one top-level JSON array of records "
                 "(use .jsonl for one object per line)"
             )
-        f.seek(0)
+        # The pure-Python backend keeps a lone surrogate in the str, so _check_text / the SFT validators
+        # count the record as invalid_utf8; it is slower, so only files that need it use it.
+        parser = ijson.get_backend("python") if _has_lone_surrogate_escape(f) else ijson
         index = 0
         try:
-            for rec in ijson.items(f, "item", use_float=True):
+            for rec in parser.items(f, "item", use_float=True):
                 if not isinstance(rec, dict):
                     stats.add_bad(path, f"item {index}", "not_an_object", type(rec).__name__)
                 else:

@@ -102,6 +102,7 @@ def instruction_to_messages(record: Any, where: str) -> list[dict]:
     user = record["instruction"] if not extra else f"{record['instruction']}\n{extra}"
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    validate_messages(messages, where)  # catches text no tokenizer can encode (lone surrogates)
     return messages
 
 
