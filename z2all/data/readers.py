@@ -49,7 +49,7 @@ _LONE_SURROGATE_ESCAPE = re.compile(
     rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
     rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 )
-_SCAN_BLOCK = 16 << 20
+_SCAN_BLOCK = 128 << 10  # small: reading a .json must keep memory flat (tests/data/test_readers.py)
 
 
 class DataFileError(ValueError):
