@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json
-from z2all.training.checkpoint import find_tokenizer_dir, load_model_from_dir
+from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def load_for_sampling(out_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu"):
     """``(model, tokenizer)``: the model of ``out_dir`` in eval mode on ``device`` and its tokenizer."""
     from z2all.tokenizer import Z2allTokenizer
-    from z2all.training.checkpoint import find_tokenizer_dir, load_model_from_dir
+    from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
 
     if not Path(out_dir).is_dir():
         raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")

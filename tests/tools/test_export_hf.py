@@ -8,7 +8,7 @@ import torch
 
 from z2all.export_hf import export_hf, main
 from z2all.tokenizer import Z2allTokenizer
-from z2all.training.checkpoint import load_model_from_dir
+from z2all.training.model_loading import load_model_from_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,3 +102,12 @@ def test_load_model_from_dir_falls_back_and_reads_run_config(tiny_run, tmp_path,
     model, cfg = load_model_from_dir(run / "step_000002")
     assert cfg == tiny_run.model.config
     assert torch.equal(model.lm_head.weight, tiny_run.model.lm_head.weight)
+
+
+def test_model_loading_names_still_importable_from_checkpoint():
+    """Compatibility: the names moved to z2all.training.model_loading are re-exported."""
+    from z2all.training import checkpoint, model_loading
+
+    assert checkpoint.load_model_from_dir is model_loading.load_model_from_dir
+    assert checkpoint.find_tokenizer_dir is model_loading.find_tokenizer_dir
+    assert checkpoint._run_model_config is model_loading._run_model_config

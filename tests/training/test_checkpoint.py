@@ -208,10 +208,66 @@ def test_rotation_keeps_newest_two(tmp_path):
     mgr.save(4, model, opt, {"step": 44})  # re-saving a step replaces it
     assert saved_steps(tmp_path) == [3, 4]
     assert mgr.load_latest(model, opt)["step"] == 44
-    mgr.save(2, model, opt, {"step": 2})  # a run resumed from an older point drops its stale future
-    assert saved_steps(tmp_path) == [2]
+    # A save at an older step after resuming from 4: 4 stays as the previous checkpoint (newest +
+    # previous guarantee), 3 goes (older in this lineage than 4).
+    mgr.save(2, model, opt, {"step": 2})
+    assert saved_steps(tmp_path) == [2, 4]
+    mgr.save(3, model, opt, {"step": 3})  # now the lineage is 4 -> 2 -> 3: keep 2 and 3
+    assert saved_steps(tmp_path) == [2, 3]
     with pytest.raises(ValueError, match="keep"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_fresh_manager_drops_stale_future(tmp_path):
+    """A manager that did not resume and saves below existing steps deletes those newer ones (a
+    timeline the run abandoned) but keeps the older one as the previous checkpoint."""
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 3, 4):
+        mgr.save(step, model, opt, {"step": step})
+    CheckpointManager(tmp_path, keep=3).save(2, model, opt, {"step": 2})
+    assert saved_steps(tmp_path) == [1, 2]
+
+
+def test_resume_from_older_keeps_it_through_later_saves(tmp_path):
+    """Resume from 3 while a (valid) 5 exists that this run abandons: saving 4 deletes 5 and keeps
+    3 as the previous; saving 5 again afterwards keeps [4, 5]."""
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in (3, 5):
+        mgr.save(step, model, opt, {"step": step})
+    resumed = CheckpointManager(tmp_path, keep=2)
+    resumed._lineage = [3]  # what load_latest records after loading step 3
+    resumed.save(4, model, opt, {"step": 4})
+    assert saved_steps(tmp_path) == [3, 4]
+    resumed.save(5, model, opt, {"step": 5})
+    assert saved_steps(tmp_path) == [4, 5]
+
+
+@pytest.mark.parametrize("how", ["verify", "load"])
+def test_corrupt_newest_never_displaces_the_good_previous(tmp_path, caplog, how):
+    """step_4 corrupt -> resume falls back to step_3 -> save step_5: step_3 (good) must survive and
+    the corrupt step_4 is set aside as ckpt_corrupt-000004, never loaded."""
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path, keep=2, verify=how == "verify")
+    for step in range(1, 5):
+        mgr.save(step, model, opt, {"step": step})
+    if how == "verify":
+        _truncate(tmp_path / "step_000004")
+    else:  # passes size/sha256 checks, fails inside DCP
+        meta = tmp_path / "step_000004" / "state" / ".metadata"
+        meta.write_bytes(b"\x00" * meta.stat().st_size)
+        rewrite_manifest_entry(tmp_path / "step_000004", "state/.metadata")
+    resumed = CheckpointManager(tmp_path, keep=2, verify=how == "verify")
+    with caplog.at_level(logging.WARNING, logger="z2all"):
+        assert resumed.load_latest(*make(seed=1))["step"] == 3
+    assert saved_steps(tmp_path) == [3]
+    assert (tmp_path / "ckpt_corrupt-000004").is_dir()
+    assert any("ckpt_corrupt-000004" in r.getMessage() for r in caplog.records)
+    resumed.save(5, model, opt, {"step": 5})
+    assert saved_steps(tmp_path) == [3, 5]
+    (tmp_path / "step_000005" / "manifest.json").unlink()  # the good previous one is loadable
+    assert CheckpointManager(tmp_path).load_latest(*make(seed=2))["step"] == 3
 
 
 def _truncate(d: Path) -> None:

@@ -112,8 +112,12 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
 
     assert distcp_bytes(out_dir / "step_000002") < 1.1 * distcp_bytes(single_path)
 
+    # The fallback set the skipped step 4 aside so rotation can never prefer it over step 2.
+    assert not (out_dir / "step_000004").exists() and (out_dir / "ckpt_corrupt-000004").is_dir()
+
     # (3) 2 -> 1 process: the model state written by two ranks loads whole into one process (a
-    # single process reads only rank_00000.pt, so step 4 is fine here).
+    # single process reads only rank_00000.pt, so step 4 is fine here: put it back).
+    (out_dir / "ckpt_corrupt-000004").rename(out_dir / "step_000004")
     model1, opt1 = make(seed=77)
     extra = CheckpointManager(out_dir, seed=SEED).load_latest(model1, opt1)
     assert extra["step"] == 4

@@ -36,7 +36,7 @@ def build_tokenizer(cfg: TrainConfig):
     from z2all.tokenizer import Z2allTokenizer
 
     if not cfg.tokenizer_dir and cfg.init_from:
-        from z2all.training.checkpoint import find_tokenizer_dir
+        from z2all.training.model_loading import find_tokenizer_dir
 
         found = find_tokenizer_dir(cfg.init_from)
         if found is not None:
@@ -96,7 +96,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, Any]:
     from z2all.model import Z2allForCausalLM
 
     if cfg.init_from:
-        from z2all.training.checkpoint import load_model_from_dir
+        from z2all.training.model_loading import load_model_from_dir
 
         if cfg.model_config != TrainConfig.model_config:
             log.info("--init_from given: the model shape comes from %s, not --model_config", cfg.init_from)

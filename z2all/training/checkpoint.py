@@ -14,7 +14,11 @@ Invariants:
   and only then renamed the folder. A crash at any point leaves at most a ``ckpt_tmp-*`` folder,
   which is never loaded and is deleted by the next save.
 - Older checkpoints are deleted only after the new one has its final name, so the newest and the
-  previous complete checkpoint always exist (``keep=2``).
+  previous complete checkpoint of this run's lineage always exist (``keep=2``): the lineage is the
+  checkpoint the run resumed from followed by the ones it saved, in save order; rotation counts
+  only those (and older ones from before the resume), never a checkpoint of an abandoned timeline.
+- A newer checkpoint the loader skipped (corrupt, torn) is renamed ``ckpt_corrupt-<step>`` by rank
+  0 after the fallback load succeeded, so it can neither be loaded nor count for rotation.
 - Nothing is ever unpickled freely: per-rank files load with ``torch.load(weights_only=True)``, DCP's
   ``.metadata`` pickle goes through an allowlist unpickler and DCP's non-tensor items are checked by
   ``weights_only`` before DCP sees them (:mod:`z2all.training.checkpoint_safety`). A file that
@@ -54,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from z2all.training.checkpoint_format import (
+    CORRUPT_PREFIX,
     DCP_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -73,6 +78,10 @@ from z2all.training.checkpoint_safety import (
     UnsafeCheckpointError,
     safe_torch_load,
 )
+
+# Re-exported for compatibility: model-only loading lives in z2all.training.model_loading.
+from z2all.training.model_loading import _run_model_config as _run_model_config
+from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
 from z2all.training.rng_state import get_rng_state, rank_seed, seed_all, set_rng_state
 
 __all__ = [
@@ -245,6 +254,9 @@ class CheckpointManager:
         self.keep = keep
         self.seed = seed
         self.verify = verify
+        # Steps of this run's lineage, oldest first: the one load_latest resumed from, then every
+        # step this manager saved (a re-saved step moves to the end). Rank 0 rotates by it.
+        self._lineage: list[int] = []
 
     def _seed(self) -> int | None:
         """The run's base seed: the constructor's, else the run config's (``out_dir/config.json``)."""
@@ -341,18 +353,49 @@ class CheckpointManager:
             shutil.rmtree(old)
 
     def _rotate(self, step: int) -> None:
-        """Keep the ``keep`` newest complete checkpoints up to ``step``; drop leftovers."""
-        for s, path in list_checkpoints(self.out_dir):
-            if s > step:
-                # From a timeline this run abandoned (it resumed from an older checkpoint).
-                logger.warning("deleting checkpoint %s: newer than the step just saved (%d)", path, step)
+        """Keep the ``keep`` newest checkpoints of this run's lineage; drop abandoned timelines and
+        leftovers.
+
+        Time order is: checkpoints older than the lineage's first step (from before a resume), by
+        step, then the lineage in save order (``step`` last). A checkpoint newer than the lineage's
+        first step that this run neither resumed from nor saved belongs to a timeline the run
+        abandoned (it resumed from an older point) and is deleted. So after a resume from R the
+        previous checkpoint kept next to the new one is R, even if R's step is larger.
+        """
+        self._lineage = [s for s in self._lineage if s != step] + [step]
+        first = self._lineage[0]
+        on_disk = dict(list_checkpoints(self.out_dir))
+        past = sorted(s for s in on_disk if s < first and s not in self._lineage)
+        for s, path in sorted(on_disk.items()):
+            if s > first and s not in self._lineage:
+                logger.warning(
+                    "deleting checkpoint %s: from a timeline this run abandoned (it continues from step %d)",
+                    path,
+                    first,
+                )
                 shutil.rmtree(path)
-        for _, path in list_checkpoints(self.out_dir)[self.keep :]:
-            shutil.rmtree(path)
+        order = past + [s for s in self._lineage if s in on_disk]
+        for s in order[: -self.keep]:
+            shutil.rmtree(on_disk[s])
+        self._lineage = [s for s in self._lineage if s in order[-self.keep :]]
         for p in self.out_dir.iterdir():
             if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(OLD_PREFIX)):
                 shutil.rmtree(p)  # never complete: crashed saves
         fsync_dir(self.out_dir)
+
+    def _set_aside(self, skipped: list[Path], loaded_step: int) -> None:
+        """Rank 0: rename the ``step_*`` folders skipped in favour of ``loaded_step`` to
+        ``ckpt_corrupt-<step>`` (replacing an older one of that name)."""
+        for path in skipped:
+            dest = self.out_dir / f"{CORRUPT_PREFIX}{path.name[len('step_') :]}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(path, dest)
+            logger.warning(
+                "renamed unloadable checkpoint %s to %s (resumed from step %d)", path, dest, loaded_step
+            )
+        if skipped:
+            fsync_dir(self.out_dir)
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -373,6 +416,7 @@ class CheckpointManager:
         candidates = list_checkpoints(self.out_dir, with_manifest=False) if rank == 0 else []
         n_found = _broadcast_int(len(candidates))
         problems: list[str] = []
+        skipped: list[Path] = []  # rank 0: step_* folders passed over for an older one
         while True:
             step = -1
             while rank == 0 and candidates:
@@ -382,6 +426,7 @@ class CheckpointManager:
                     step = s
                     break
                 problems.append(why)
+                skipped.append(path)
                 logger.warning("skipping checkpoint %s: %s; trying the previous one", path, why)
             step = _broadcast_int(step)
             if step < 0:
@@ -399,6 +444,10 @@ class CheckpointManager:
             code = _all_reduce_max(code)
             if code == 0:
                 logger.info("resumed from checkpoint %s", path)
+                self._lineage = [step]
+                if rank == 0:
+                    self._set_aside(skipped, step)
+                _barrier()  # no rank saves (and rotates) before the skipped ones are set aside
                 return extra
             if code == 3:
                 raise (
@@ -415,6 +464,7 @@ class CheckpointManager:
                     )
                 )
             problems.append(f"{path}: {error or 'failed to load on another rank'}")
+            skipped.append(path)
             logger.warning("checkpoint %s failed to load (%s); trying the previous one", path, error)
         if n_found:
             raise CorruptCheckpointError(f"{self.out_dir}: no loadable checkpoint: " + "; ".join(problems))
@@ -454,87 +504,3 @@ class CheckpointManager:
         if world < manifest["world_size"] and rank == 0:
             logger.warning("%s was saved by %d ranks, resuming on %d", path, manifest["world_size"], world)
         return payload["extra"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Model-only loading for the tools and --init_from
-# ---------------------------------------------------------------------------------------------
-
-
-def _run_model_config(run_dir: Path) -> dict | None:
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        return None
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    return cfg.get("model") if isinstance(cfg.get("model"), dict) else None
-
-
-def find_tokenizer_dir(path: str | os.PathLike) -> Path | None:
-    """The tokenizer of a run folder (``tokenizer_dir`` in its config.json) or of a Hugging Face
-    folder that carries its own tokenizer files; None when there is none."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():  # one checkpoint folder: the run is its parent
-        path = path.parent
-    cfg_path = path / "config.json"
-    if cfg_path.is_file():
-        try:
-            tok_dir = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_dir")
-        except (ValueError, AttributeError) as e:
-            raise ValueError(f"{cfg_path}: not a JSON object ({e})") from e
-        if tok_dir:
-            return Path(tok_dir)
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
-        return path
-    return None
-
-
-def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(model, model_config)`` on CPU in eval mode, from a z2all run folder (its newest
-    loadable checkpoint), one checkpoint folder, or a Hugging Face Llama folder.
-
-    Process-local (no collectives): any subset of ranks may call it.
-    """
-    from z2all.model import Z2allConfig, Z2allForCausalLM  # ground floor; imported on use
-
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        candidates = [(0, path)]
-    else:
-        candidates = list_checkpoints(path, with_manifest=False)
-    if not candidates:
-        has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-        if (path / "config.json").is_file() and has_weights:
-            model = Z2allForCausalLM.from_pretrained(path)
-            return model.eval(), model.config
-        raise FileNotFoundError(
-            f"{path}: neither a z2all run folder (step_*/{MANIFEST}) nor a Hugging Face model folder "
-            "(config.json + *.safetensors)"
-        )
-    problems = []
-    for _, ckpt in candidates:
-        why = verify_checkpoint(ckpt)
-        if why is not None:
-            problems.append(why)
-            logger.warning("skipping checkpoint %s: %s", ckpt, why)
-            continue
-        cfg_dict, source = read_manifest(ckpt).get("model_config"), ckpt / MANIFEST
-        if cfg_dict is None:
-            cfg_dict, source = _run_model_config(ckpt.parent), ckpt.parent / "config.json"
-        if cfg_dict is None:
-            raise FileNotFoundError(
-                f"{ckpt}: no model config in {MANIFEST} nor under key 'model' of "
-                f"{ckpt.parent / 'config.json'}"
-            )
-        config = Z2allConfig.from_dict(cfg_dict, source=str(source))
-        model = Z2allForCausalLM(config)
-        try:
-            _load_dcp(ckpt, model, None, no_dist=True)
-        except (UnsafeCheckpointError, CheckpointMismatchError):
-            raise
-        except Exception as e:  # noqa: BLE001 - corrupt: fall back to the previous checkpoint
-            problems.append(f"{ckpt}: {e}")
-            logger.warning("checkpoint %s failed to load (%s); trying the previous one", ckpt, e)
-            continue
-        logger.info("loaded model from %s", ckpt)
-        return model.eval(), config
-    raise CorruptCheckpointError(f"{path}: no loadable checkpoint: " + "; ".join(problems))

@@ -20,6 +20,9 @@ MANIFEST = "manifest.json"
 DCP_DIR = "state"
 TMP_PREFIX = "ckpt_tmp-"
 OLD_PREFIX = "ckpt_old-"
+# A step_* folder the loader skipped (failed verification or load) in favour of an older one is
+# renamed to this, so rotation never counts it as a checkpoint; kept for inspection, never loaded.
+CORRUPT_PREFIX = "ckpt_corrupt-"
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 
 
