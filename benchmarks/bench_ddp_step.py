@@ -1,14 +1,16 @@
 """Step time of our DistributedDataParallel vs torch.nn.parallel.DistributedDataParallel.
 
-Spawns ``--world-size`` CPU processes (gloo on loopback, 1 thread each), builds the same residual-MLP
-model for every variant, and times full training steps (forward, backward, gradient sync, SGD step,
-zero grads) in interleaved rounds: round r runs ``--steps`` steps of every variant, in an order that
-rotates per round, so machine-load drift hits all variants alike. Prints one JSON object (rank 0):
-median step time per variant, the ratio of each to torch DDP with default settings, and the
-per-round paired ratios (median, min, max over rounds).
+Spawns ``--world-size`` processes (default: CPU, gloo on loopback, 1 thread each; ``--device cuda``:
+rank r on cuda:r, NCCL unless ``--backend gloo``, timings bracketed by ``torch.cuda.synchronize()``),
+builds the same residual-MLP model for every variant, and times full training steps (forward,
+backward, gradient sync, SGD step, zero grads) in interleaved rounds: round r runs ``--steps`` steps
+of every variant, in an order that rotates per round, so machine-load drift hits all variants alike.
+Prints one JSON object (rank 0): median step time per variant, the ratio of each to torch DDP with
+default settings, and the per-round paired ratios (median, min, max over rounds).
 
     python benchmarks/bench_ddp_step.py                      # defaults below
     python benchmarks/bench_ddp_step.py --layers 4 --width 256 --rounds 4
+    python benchmarks/bench_ddp_step.py --device cuda --world-size 1   # one GPU: NCCL, 1 rank
 """
 
 from __future__ import annotations
@@ -35,6 +37,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: rank r on cuda:r")
+    p.add_argument(
+        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl on cuda, else gloo"
+    )
+
+
+def resolve_backend(p: argparse.ArgumentParser, args) -> None:
+    """Check --device/--backend/--world-size against this machine; sets args.backend to gloo or nccl."""
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device")
+        if torch.cuda.device_count() < args.world_size:
+            p.error(
+                f"--device cuda needs one GPU per rank: --world-size {args.world_size} > "
+                f"{torch.cuda.device_count()} visible GPUs"
+            )
+    if args.backend == "auto":
+        args.backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.backend == "nccl" and args.device != "cuda":
+        p.error("--backend nccl needs --device cuda")
+
+
+def init_rank(rank: int, world: int, port: int, args) -> torch.device:
+    """Join the process group as ``rank`` (spawned on one host: local rank == rank); return its device."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if args.backend == "nccl" else {}
+    dist.init_process_group(args.backend, rank=rank, world_size=world, **kwargs)
+    return device
+
+
 class ResidualMLP(nn.Module):
     """``layers`` pre-norm blocks x + W2 gelu(W1 norm(x)); 2*width^2*2 weights per block."""
 
@@ -53,17 +91,18 @@ class ResidualMLP(nn.Module):
         return x
 
 
-def build_variants(args, base: nn.Module) -> dict[str, nn.Module]:
+def build_variants(args, base: nn.Module, device: torch.device) -> dict[str, nn.Module]:
     bucket_elems = int(args.bucket_mb * 2**20) // 4  # same bucket size in fp32 elements for both
     variants = {}
     for overlap in (True, False):
         cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, bucket_size=bucket_elems)
         variants[f"ours_overlap={overlap}"] = DistributedDataParallel(cfg, copy.deepcopy(base))
+    ids = [device.index] if device.type == "cuda" else None
     variants["torch_ddp"] = nn.parallel.DistributedDataParallel(
-        copy.deepcopy(base), bucket_cap_mb=args.bucket_mb
+        copy.deepcopy(base), device_ids=ids, bucket_cap_mb=args.bucket_mb
     )
     variants["torch_ddp_bucket_view"] = nn.parallel.DistributedDataParallel(
-        copy.deepcopy(base), bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True
+        copy.deepcopy(base), device_ids=ids, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True
     )
     return variants
 
@@ -81,16 +120,16 @@ def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
 
 
 def worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = init_rank(rank, world, port, args)
     try:
         torch.manual_seed(0)
-        base = ResidualMLP(args.layers, args.width)
-        variants = build_variants(args, base)
+        base = ResidualMLP(args.layers, args.width).to(device)
+        variants = build_variants(args, base, device)
         opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in variants.items()}
         g = torch.Generator().manual_seed(rank)
-        x = torch.randn(args.batch, args.width, generator=g)
+        x = torch.randn(args.batch, args.width, generator=g).to(device)
+        # On CUDA kernels run asynchronously: wait for the GPU before reading the clock, both ends.
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         times: dict[str, list[float]] = {k: [] for k in variants}
         per_round: dict[str, list[float]] = {k: [] for k in variants}  # median step time of each round
         names = list(variants)
@@ -103,8 +142,10 @@ def worker(rank: int, world: int, port: int, args) -> None:
                 dist.barrier()
                 round_times = []
                 for _ in range(args.steps):
+                    sync()
                     t0 = time.perf_counter()
                     step(variants[name], opts[name], x)
+                    sync()
                     round_times.append(time.perf_counter() - t0)
                 times[name] += round_times
                 per_round[name].append(statistics.median(round_times))
@@ -114,8 +155,9 @@ def worker(rank: int, world: int, port: int, args) -> None:
             result = {
                 "benchmark": "ddp_step",
                 "world_size": world,
-                "backend": "gloo",
-                "threads_per_rank": 1,
+                "backend": args.backend,
+                "device": str(device),
+                "threads_per_rank": torch.get_num_threads(),
                 "params": n_params,
                 "grad_mb": round(n_params * 4 / 2**20, 2),
                 "batch": args.batch,
@@ -147,7 +189,9 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=float, default=4.0, help="bucket size for both DDPs (MiB of fp32)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    add_backend_args(p)
     args = p.parse_args()
+    resolve_backend(p, args)
     mp.spawn(worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
 
 

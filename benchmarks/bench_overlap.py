@@ -1,7 +1,7 @@
 """How much gradient communication our DDP hides behind backward, read from a torch.profiler trace.
 
 For each setting (``overlap_grad_reduce`` True and False) rank 0 profiles ``--steps`` training steps
-on ``--world-size`` gloo CPU processes. From the trace:
+on ``--world-size`` processes. On CPU (default; gloo), from the trace:
 
   * comm intervals: the ``gloo:*`` collective events (they run on gloo's worker threads);
   * backward: the ``backward`` record_function range around ``loss.backward()``;
@@ -10,9 +10,17 @@ on ``--world-size`` gloo CPU processes. From the trace:
                 the training thread sits in ``finish_grad_sync()`` waiting);
   * hidden_fraction = 1 - exposed_ms / comm_ms;  exposed_over_step = exposed_ms / step_ms.
 
+On CUDA (``--device cuda``: rank r on cuda:r, NCCL unless ``--backend gloo``; each step ends with
+``torch.cuda.synchronize()`` so its kernels lie inside its ``step`` range) the GPU timeline is used:
+
+  * comm intervals: CUDA kernels whose name contains ``nccl``;
+  * exposed_ms: the part of their union not covered by any other GPU activity (compute kernels,
+                memcpy/memset) of the step: comm the GPU had nothing to run alongside.
+
 Prints one JSON object with the medians over steps for both settings, measured in the same run.
 
     python benchmarks/bench_overlap.py
+    python benchmarks/bench_overlap.py --device cuda --world-size 1   # one GPU: NCCL, 1 rank
     python benchmarks/bench_overlap.py --layers 8 --width 384 --bucket-mb 1
 """
 
@@ -28,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
@@ -37,6 +46,42 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: rank r on cuda:r")
+    p.add_argument(
+        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl on cuda, else gloo"
+    )
+
+
+def resolve_backend(p: argparse.ArgumentParser, args) -> None:
+    """Check --device/--backend/--world-size against this machine; sets args.backend to gloo or nccl."""
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device")
+        if torch.cuda.device_count() < args.world_size:
+            p.error(
+                f"--device cuda needs one GPU per rank: --world-size {args.world_size} > "
+                f"{torch.cuda.device_count()} visible GPUs"
+            )
+    if args.backend == "auto":
+        args.backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.backend == "nccl" and args.device != "cuda":
+        p.error("--backend nccl needs --device cuda")
+
+
+def init_rank(rank: int, world: int, port: int, args) -> torch.device:
+    """Join the process group as ``rank`` (spawned on one host: local rank == rank); return its device."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if args.backend == "nccl" else {}
+    dist.init_process_group(args.backend, rank=rank, world_size=world, **kwargs)
+    return device
 
 
 class ResidualMLP(nn.Module):
@@ -67,20 +112,40 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(lo, hi) for lo, hi in merged]
 
 
-def analyse(events, steps: int) -> dict[str, float]:
+def _minus(intervals, holes) -> float:
+    """Total length of the disjoint sorted ``intervals`` not covered by the disjoint sorted ``holes``."""
+    total = 0.0
+    for lo, hi in intervals:
+        covered = sum(max(0.0, min(hi, h1) - max(lo, h0)) for h0, h1 in holes)
+        total += (hi - lo) - covered
+    return total
+
+
+def analyse(events, steps: int, device: torch.device) -> dict[str, float]:
     """Per-step comm / exposed / step times (ms) from profiler events; medians over steps."""
     ranges = lambda name: sorted((e.time_range.start, e.time_range.end) for e in events if e.name == name)
     step_ranges, bwd_ranges = ranges("step"), ranges("backward")
-    comm = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("gloo:")]
+    span = lambda e: (e.time_range.start, e.time_range.end)
+    if device.type == "cuda":
+        gpu = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in ("step", "backward")]
+        comm = [span(e) for e in gpu if "nccl" in e.name.lower()]
+        other = [span(e) for e in gpu if "nccl" not in e.name.lower()]
+    else:
+        comm = [span(e) for e in events if e.name.startswith("gloo:")]
+        other = []
     if len(step_ranges) != steps or len(bwd_ranges) != steps or not comm:
         raise RuntimeError(
             f"trace has {len(step_ranges)} steps, {len(bwd_ranges)} backwards, {len(comm)} comm events"
         )
+    clip = lambda ivs, s0, s1: _union([(max(lo, s0), min(hi, s1)) for lo, hi in ivs if hi > s0 and lo < s1])
     rows = []
     for (s0, s1), (_, b1) in zip(step_ranges, bwd_ranges, strict=True):
-        mine = _union([(max(lo, s0), min(hi, s1)) for lo, hi in comm if hi > s0 and lo < s1])
+        mine = clip(comm, s0, s1)
         comm_us = sum(hi - lo for lo, hi in mine)
-        exposed_us = sum(max(0.0, hi - max(lo, b1)) for lo, hi in mine)
+        if device.type == "cuda":
+            exposed_us = _minus(mine, clip(other, s0, s1))
+        else:
+            exposed_us = sum(max(0.0, hi - max(lo, b1)) for lo, hi in mine)
         rows.append((s1 - s0, comm_us, exposed_us))
     step_us, comm_us, exposed_us = (statistics.median(col) for col in zip(*rows))
     return {
@@ -92,14 +157,15 @@ def analyse(events, steps: int) -> dict[str, float]:
     }
 
 
-def run_setting(args, overlap: bool, rank: int) -> dict[str, float] | None:
+def run_setting(args, overlap: bool, rank: int, device: torch.device) -> dict[str, float] | None:
     torch.manual_seed(0)
     cfg = DistributedDataParallelConfig(
         overlap_grad_reduce=overlap, bucket_size=int(args.bucket_mb * 2**20) // 4
     )
-    ddp = DistributedDataParallel(cfg, ResidualMLP(args.layers, args.width))
+    ddp = DistributedDataParallel(cfg, ResidualMLP(args.layers, args.width).to(device))
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-4)
-    x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(rank)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def step() -> None:
         with record_function("step"):
@@ -109,27 +175,28 @@ def run_setting(args, overlap: bool, rank: int) -> dict[str, float] | None:
             ddp.finish_grad_sync()
             opt.step()
             ddp.zero_grad_buffer()
+            sync()  # on CUDA: the step's kernels end inside its range
 
     for _ in range(2):  # warm-up
         step()
     dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-    return analyse(prof.events(), args.steps) if rank == 0 else None
+    return analyse(prof.events(), args.steps, device) if rank == 0 else None
 
 
 def worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = init_rank(rank, world, port, args)
     try:
-        results = {f"overlap_grad_reduce={o}": run_setting(args, o, rank) for o in (True, False)}
+        results = {f"overlap_grad_reduce={o}": run_setting(args, o, rank, device) for o in (True, False)}
         if rank == 0:
             out = {
                 "benchmark": "overlap",
                 "world_size": world,
-                "backend": "gloo",
+                "backend": args.backend,
+                "device": str(device),
                 "layers": args.layers,
                 "width": args.width,
                 "batch": args.batch,
@@ -152,7 +219,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--bucket-mb", type=float, default=4.0, help="bucket size (MiB of fp32 gradient)")
     p.add_argument("--steps", type=int, default=8, help="profiled steps per setting")
+    add_backend_args(p)
     args = p.parse_args()
+    resolve_backend(p, args)
+    if args.device == "cuda" and args.backend != "nccl":
+        p.error("--device cuda reads NCCL kernels from the GPU trace: use --backend nccl (or auto)")
     mp.spawn(worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
 
 
