@@ -35,16 +35,21 @@ class _Out:
 
 class TinyLM(nn.Module):
     """Embedding -> tanh MLP mixing the previous token -> LM head; enough to learn a pattern.
-    Same call convention as Z2allForCausalLM: ``labels`` aligned with inputs, shifted inside."""
+    Same call convention as Z2allForCausalLM: ``labels`` aligned with inputs, shifted inside.
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 16):
+    ``dropout > 0`` makes every training forward draw from torch's RNG, so a resume that did not
+    restore the RNG streams would give other masks (other losses). The loop seeds each rank with
+    ``rank_seed(seed, rank)``, so masks depend on the rank: the 1-vs-2-rank tests use no dropout."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 16, dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
+        self.drop = nn.Dropout(dropout)
         self.mix = nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, input_ids: torch.Tensor, labels=None, return_logits: bool = True) -> _Out:
-        h = self.embed(input_ids)  # (B, T, D)
+        h = self.drop(self.embed(input_ids))  # (B, T, D)
         prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         logits = self.head(torch.tanh(self.mix(torch.cat([h, prev], dim=-1))))  # (B, T, V)
         loss = None
@@ -69,10 +74,10 @@ def make_data(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def make_components(cfg: TrainConfig) -> Components:
+def make_components(cfg: TrainConfig, dropout: float = 0.0) -> Components:
     torch.set_num_threads(1)  # tiny tensors: threads only add contention (conftest restores the count)
     torch.manual_seed(cfg.seed)  # identical init on every rank and in every run
-    model = TinyLM()
+    model = TinyLM(dropout=dropout)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
@@ -232,14 +237,15 @@ def test_two_ranks_equal_one_rank(tmp_path):
 
 
 def test_resume_is_bit_exact_and_survives_corrupt_newest(tmp_path):
+    # Dropout in train mode: the losses after the resume match only if every RNG stream was restored.
     full_cfg = make_cfg(tmp_path / "full")
-    full = _losses(train(full_cfg, make_components(full_cfg)).history)
+    full = _losses(train(full_cfg, make_components(full_cfg, dropout=0.1)).history)
 
     # Interrupted at step 3 (checkpoint at 3), then resumed up to 6 with the same settings.
     part_cfg = make_cfg(tmp_path / "part", max_iters=3)
-    train(part_cfg, make_components(part_cfg))
+    train(part_cfg, make_components(part_cfg, dropout=0.1))
     res_cfg = make_cfg(tmp_path / "part", resume=True)
-    resumed = train(res_cfg, make_components(res_cfg)).history
+    resumed = train(res_cfg, make_components(res_cfg, dropout=0.1)).history
     assert [r["step"] for r in resumed] == [4, 5, 6]
     assert _losses(read_metrics(res_cfg.out_dir)) == full  # bit-identical in fp32 on CPU
 
@@ -252,7 +258,7 @@ def test_resume_is_bit_exact_and_survives_corrupt_newest(tmp_path):
         (p for p in newest.rglob("*") if p.is_file() and p.suffix != ".json"), key=lambda p: p.stat().st_size
     )
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    again = train(res_cfg, make_components(res_cfg)).history
+    again = train(res_cfg, make_components(res_cfg, dropout=0.1)).history
     assert [r["step"] for r in again] == [4, 5, 6]
     recs = read_metrics(res_cfg.out_dir)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
