@@ -20,6 +20,7 @@ from z2all.data.pretrain_dataset import (
     IbinHeader,
     PretokFormatError,
     ibin_path,
+    list_pretrain_bins,
     num_windows,
     read_sidecar,
     window_starts,
@@ -77,7 +78,7 @@ def build_index(bin_path: Path, max_seq_len: int, force: bool = False) -> tuple[
 def build_all(cfg: IndexConfig) -> dict[Path, int]:
     """Index every .bin under ``cfg.data_dir``; returns samples per .bin."""
     data_dir = Path(cfg.data_dir)
-    bins = sorted(p for p in data_dir.rglob("*.bin") if not p.name.startswith("."))
+    bins = list_pretrain_bins(data_dir)
     if not bins:
         raise FileNotFoundError(f"--data_dir={data_dir}: no .bin files (run pretokenize_pretrain_data first)")
     counts = {}

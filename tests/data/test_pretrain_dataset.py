@@ -15,12 +15,16 @@ from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
 from tests.data.conftest import pretokenize_small_corpus
 from z2all.data.pretrain_dataset import (
     IBIN_HEADER,
+    SFT_BIN_SUFFIX,
     IbinHeader,
     PretokDatasetWithIndex,
     PretokFormatError,
     ibin_path,
+    list_pretrain_bins,
     num_windows,
 )
+from z2all.data.sft_pretok import sft_paths
+from z2all.data.sft_pretokenize import PretokenizeSFTConfig, pretokenize_sft
 
 L = 16
 
@@ -188,3 +192,22 @@ def test_pickle_carries_no_mapped_data_and_dataloader_works(bin_dir):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     got = torch.cat([xb for xb, _ in loader])
     assert torch.equal(got, torch.stack([ds[i][0] for i in range(len(ds))]))
+
+
+def test_sft_pretokenized_files_in_the_same_folder_are_not_pretraining_bins(bin_dir, tiny_tokenizer_dir):
+    """<name>.sft.bin from pretokenize_sft_data beside the pretraining .bin files changes nothing."""
+    before = [(x.tolist(), y.tolist()) for x, y in PretokDatasetWithIndex(bin_dir, L)]
+    bins = list_pretrain_bins(bin_dir)
+    src = bin_dir / "chat.jsonl"
+    src.write_text(
+        json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) + "\n"
+    )
+    cfg = PretokenizeSFTConfig(data_dir=str(src), tokenizer_dir=str(tiny_tokenizer_dir), max_seq_len=L)
+    pretokenize_sft(cfg)
+    assert sft_paths(src)["bin"].is_file() and sft_paths(src)["bin"].name.endswith(SFT_BIN_SUFFIX)
+    assert (
+        list_pretrain_bins(bin_dir) == bins == [bin_dir / n for n in ("a.bin", "b.bin", "d.bin", "sub/c.bin")]
+    )
+    counts = build_all(IndexConfig(data_dir=str(bin_dir), max_seq_len=L))
+    assert sorted(counts) == bins and not ibin_path(sft_paths(src)["bin"]).exists()
+    assert [(x.tolist(), y.tolist()) for x, y in PretokDatasetWithIndex(bin_dir, L)] == before

@@ -48,6 +48,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+# pretokenize_sft_data writes <source>.sft.bin (+ .sft.mask/.sft.idx/.sft.json, see z2all.data.sft_pretok);
+# such files may share a folder with pretraining .bin files but are not pretraining data.
+SFT_BIN_SUFFIX = ".sft.bin"
+
+
+def list_pretrain_bins(data_dir: str | os.PathLike) -> list[Path]:
+    """The pretraining ``.bin`` files under ``data_dir``: recursive, sorted; no hidden or ``.sft.bin`` files.
+
+    The one rule both the index builder and :class:`PretokDatasetWithIndex` use, so they always agree on
+    which files make up the corpus.
+    """
+    return sorted(
+        p
+        for p in Path(data_dir).rglob("*.bin")
+        if not p.name.startswith(".") and not p.name.endswith(SFT_BIN_SUFFIX)
+    )
+
+
 def sidecar_path(bin_path: str | os.PathLike) -> Path:
     return Path(str(bin_path) + SIDECAR_SUFFIX)
 
@@ -172,7 +190,7 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
         self.max_seq_len = max_seq_len
         self.split = split
         expected_fp = _fingerprint_of(tokenizer)
-        bins = sorted(p for p in self.data_dir.rglob("*.bin") if not p.name.startswith("."))
+        bins = list_pretrain_bins(self.data_dir)
         if not bins:
             raise FileNotFoundError(
                 f"{self.data_dir}: no .bin files (run data_preprocess.pretokenize_pretrain_data)"
