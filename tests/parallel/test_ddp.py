@@ -60,6 +60,7 @@ def run_pair(
     accum=1,
     find_unused=False,
     user_set_to_none=False,
+    launch_log: list | None = None,
 ):
     """Train the same model with torch DDP and with ours (SGD); return per-step grad errors.
 
@@ -68,6 +69,10 @@ def run_pair(
     Ours follows the documented protocol (``zero_grad_buffer()`` only: backward accumulates into the
     ``.grad`` = ``main_grad`` views); ``user_set_to_none`` also calls ``optimizer.zero_grad()`` on it, so
     backward makes fresh ``.grad`` tensors that the hook must fold into the buffer.
+
+    ``launch_log``, if given, gets one entry per step: ``(launched during backward, all launched)``,
+    the bucket indices in the order their collectives were issued before ``finish_grad_sync()`` was
+    called, and in all.
     """
     torch.manual_seed(0)
     base = TinyNet(**model_kwargs)
@@ -77,6 +82,10 @@ def run_pair(
         ref_model, bucket_cap_mb=0.001, find_unused_parameters=find_unused
     )
     ours = DistributedDataParallel(cfg, base)
+    launched: list[int] = []
+    if launch_log is not None:
+        launch = ours._launch  # observe every collective launch (bucket index), then do it
+        ours._launch = lambda bucket: (launched.append(bucket.index), launch(bucket))[1]
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
     opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
     errors = []
@@ -89,7 +98,11 @@ def run_pair(
                 with ctx:
                     loss = nn.functional.mse_loss(model(x), y) / accum
                     loss.backward()
+        during_backward = tuple(launched)
         ours.finish_grad_sync()
+        if launch_log is not None:
+            launch_log.append((during_backward, tuple(launched)))
+            launched.clear()
         err = 0.0
         for p, q in zip(base.parameters(), ref_model.parameters(), strict=True):
             if p.grad is None:  # never raise on one rank only: record an infinite error instead
@@ -134,7 +147,12 @@ def _unused_and_out_of_order(rank, world_size):
     for overlap in (False, True):
         cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, **SMALL_BUCKETS)
         out[f"unused,overlap={overlap}"] = run_pair(rank, cfg, {"unused": True}, steps=2, find_unused=True)
-        out[f"order=(2,0,1),overlap={overlap}"] = run_pair(rank, cfg, {"order": (2, 0, 1)}, steps=2)
+        # Backward reaches block 1 (bucket 2) and block 0 (bucket 3) before block 2 (bucket 1).
+        launches: list = []
+        out[f"order=(2,0,1),overlap={overlap}"] = run_pair(
+            rank, cfg, {"order": (2, 0, 1)}, steps=2, launch_log=launches
+        )
+        out[f"launches: order=(2,0,1),overlap={overlap}"] = launches
         # Data-dependent: block 1 is unused on rank 1 only, so the two ranks complete different
         # buckets during backward; the collective sequence must still match.
         per_rank = {"order": (0, 1, 2) if rank == 0 else (0, 2)}
@@ -186,6 +204,8 @@ def results():
 def _check(per_rank, tol=1e-6):
     for rank_result in per_rank:
         for case, (grad_errors, param_err) in rank_result.items():
+            if case.startswith("launches:"):
+                continue
             assert max(grad_errors) <= tol, f"{case}: grad relative error {grad_errors} > {tol}"
             assert param_err <= tol, f"{case}: params diverged by {param_err}"
 
@@ -196,3 +216,16 @@ def test_matches_torch_ddp_overlap_accumulation_buckets(results):
 
 def test_matches_torch_ddp_unused_param_and_out_of_order_grads(results):
     _check(scenario(results, "_unused_and_out_of_order"))
+
+
+def test_out_of_order_grads_still_overlap(results):
+    """order=(2,0,1): buckets 2 and 3 complete before bucket 1 in backward. With overlap, every
+    bucket must still be launched during backward (from the moment bucket 1 completes), in index order;
+    without overlap none is. Checked on both ranks, both iterations."""
+    for rank_result in scenario(results, "_unused_and_out_of_order"):
+        n_buckets = 5  # TinyNet with SMALL_BUCKETS
+        in_order = tuple(range(n_buckets))
+        for during, total in rank_result["launches: order=(2,0,1),overlap=True"]:
+            assert during == in_order and total == in_order, (during, total)
+        for during, total in rank_result["launches: order=(2,0,1),overlap=False"]:
+            assert during == () and total == in_order, (during, total)
