@@ -210,3 +210,33 @@ def test_cli_flags_snapshot():
         "sft_type",
         "force",
     ]
+
+
+def test_crash_between_array_files_never_leaves_the_old_sidecar(tmp_path, monkeypatch):
+    """A rewrite that dies after replacing .sft.bin but before .sft.mask leaves no sidecar at all, even
+    when the new arrays have the old sizes (so a size check alone could not tell the mix apart)."""
+    from z2all.data import sft_pretok
+
+    paths = sft_paths(tmp_path / "chat.jsonl")
+    old = sft_pretok.SFTShard(
+        np.array([5, 6, 7, 8], dtype=np.uint16),
+        np.array([0, 1, 0, 1], np.uint8),
+        np.array([0, 2, 4], np.int64),
+    )
+    sft_pretok.save_shard(old, paths, {"k": 1}, 1000, {})
+    assert sft_pretok.read_sidecar(paths) is not None
+    new = sft_pretok.SFTShard(old.ids + 10, 1 - old.mask, old.offsets.copy())  # same sizes, other content
+    real_open, opened = sft_pretok.atomic_open, []
+
+    def crash_on_mask(path, *args, **kwargs):
+        opened.append(path)
+        if path == paths["mask"]:
+            raise KeyboardInterrupt("simulated crash between files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sft_pretok, "atomic_open", crash_on_mask)
+    with pytest.raises(KeyboardInterrupt):
+        sft_pretok.save_shard(new, paths, {"k": 2}, 1000, {})
+    assert opened == [paths["bin"], paths["mask"]]
+    assert np.array_equal(np.fromfile(paths["bin"], np.uint16), new.ids)  # the mix exists on disk ...
+    assert not paths["sidecar"].exists() and sft_pretok.read_sidecar(paths) is None  # ... and is not used

@@ -9,8 +9,9 @@ For a source file ``chat.jsonl`` the four files are (``D`` is the data folder or
 
 Invariants:
 
-* Each file is written atomically (temp + fsync + rename) and the sidecar is written LAST, so a sidecar
-  that exists and whose recorded sizes match the three files describes a complete, consistent set.
+* Each file is written atomically (temp + fsync + rename); a rewrite deletes the old sidecar FIRST and
+  writes the new one LAST, so a sidecar that exists and whose recorded sizes match the three files
+  describes a complete, consistent set, even after a crash in the middle of a rewrite.
 * The sidecar's ``key`` (format version, tokenizer fingerprint, source size + mtime, max_seq_len,
   sft_type) says which inputs produced the ids; a set whose key differs from the caller's is stale and
   is never used (it is rebuilt or ignored).
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from z2all.atomic import atomic_open, atomic_write_json
+from z2all.atomic import atomic_open, atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,14 @@ class SFTShard:
 
 
 def save_shard(shard: SFTShard, paths: dict[str, Path], key: dict, vocab_size: int, report: dict) -> None:
-    """Write the three arrays, then the sidecar (the commit point); each atomically."""
+    """Write the three arrays, then the sidecar (the commit point); each atomically.
+
+    The old sidecar is removed (and the removal made durable) BEFORE any array is replaced: a crash
+    between two array renames must leave no sidecar next to a mix of old and new arrays (the sizes
+    alone could still agree, e.g. after an edit that keeps every token count).
+    """
+    paths["sidecar"].unlink(missing_ok=True)
+    fsync_dir(paths["sidecar"].parent)
     arrays = {
         "bin": np.ascontiguousarray(shard.ids, dtype=ids_dtype(vocab_size)),
         "mask": np.ascontiguousarray(shard.mask, dtype=np.uint8),
