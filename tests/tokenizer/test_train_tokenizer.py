@@ -64,3 +64,26 @@ def test_sp_long_documents_are_cut_for_training_not_dropped(tmp_path):
     tok = Z2allTokenizer.from_pretrained(train_tokenizer([doc], cfg))
     assert tok.vocab_size > 272 + 10  # learned merges, so the text was seen
     assert tok.decode(tok.encode(doc)) == doc
+
+
+def test_sp_input_sentence_size_caps_what_sentencepiece_loads(tmp_path):
+    """sp_bbpe trains on at most sp_input_sentence_size pieces: unshuffled, only the first ones, so the
+    characters of the later half never become pieces; 0 loads everything."""
+    latin = [f"the quick brown fox number {i} jumps" for i in range(200)]
+    cjk = ["".join(chr(0x4E00 + (i * 7 + j) % 40) for j in range(12)) for i in range(200)]
+
+    def pieces(**kw) -> set[str]:
+        cfg = TokenizerTrainConfig(
+            save_dir=str(tmp_path / str(len(kw)) / str(kw)), vocab_size=400, tokenizer_type="sp_bbpe",
+            character_coverage=1.0, num_threads=1, **kw
+        )  # fmt: skip
+        out = train_tokenizer(latin + cjk, cfg)
+        return set(json.loads((out / "tokenizer.json").read_text("utf-8"))["model"]["vocab"])
+
+    cjk_chars = {chr(0x4E00 + k) for k in range(40)}
+    assert cjk_chars <= pieces(sp_input_sentence_size=0)
+    assert not cjk_chars & pieces(sp_input_sentence_size=200, sp_shuffle_input_sentence=False)
+    assert TokenizerTrainConfig().sp_input_sentence_size == 10_000_000
+    assert TokenizerTrainConfig().sp_shuffle_input_sentence is True
+    with pytest.raises(ValueError, match="sp_input_sentence_size"):
+        TokenizerTrainConfig(sp_input_sentence_size=-1)

@@ -73,6 +73,13 @@ class TokenizerTrainConfig:
     """sp_bbpe: share of characters kept as symbols; the rest fall back to bytes. Lower it for tiny vocabs."""
     max_sentence_bytes: int = 8192
     """sp_bbpe: documents are cut at line ends into training pieces of at most this many UTF-8 bytes."""
+    sp_input_sentence_size: int = 10_000_000
+    """sp_bbpe: train on at most this many pieces (sentencepiece's ``input_sentence_size``; 0 = all).
+    sentencepiece holds every piece it trains on in memory (~tens of GB for a 10 GB corpus), so the
+    default caps memory at roughly ``this x max_sentence_bytes`` in the worst case, far less on real text."""
+    sp_shuffle_input_sentence: bool = True
+    """sp_bbpe: when there are more pieces than ``sp_input_sentence_size``, sample them uniformly
+    (reservoir sampling over the whole stream); false takes the first ones in file order."""
     num_threads: int = 0
     """Trainer threads (0 = all cores)."""
 
@@ -84,6 +91,8 @@ class TokenizerTrainConfig:
         min_vocab = NUM_SPECIAL_TOKENS + 256
         if self.vocab_size <= min_vocab:
             raise ValueError(f"--vocab_size must exceed {min_vocab} (16 special tokens + 256 bytes)")
+        if self.sp_input_sentence_size < 0:
+            raise ValueError(f"--sp_input_sentence_size must be >= 0, got {self.sp_input_sentence_size}")
         if self.num_threads <= 0:
             self.num_threads = os.cpu_count() or 1
 
@@ -220,6 +229,8 @@ def _sp_train(spm, texts: Iterable[str], cfg: TokenizerTrainConfig, out: io.Byte
         allow_whitespace_only_pieces=True,
         split_digits=True,
         max_sentence_length=cfg.max_sentence_bytes,
+        input_sentence_size=cfg.sp_input_sentence_size,
+        shuffle_input_sentence=cfg.sp_shuffle_input_sentence,
         unk_id=0,
         bos_id=1,
         eos_id=2,
