@@ -238,7 +238,8 @@ def test_cli_flags_snapshot():
     assert names(IndexConfig) == ["data_dir", "max_seq_len", "force"]
     assert names(TokenizerTrainConfig) == [
         "data_dir", "save_dir", "vocab_size", "tokenizer_type", "max_chars", "text_field", "min_frequency",
-        "character_coverage", "max_sentence_bytes", "num_threads",
+        "character_coverage", "max_sentence_bytes", "sp_input_sentence_size", "sp_shuffle_input_sentence",
+        "num_threads",
     ]  # fmt: skip
 
 
