@@ -13,14 +13,14 @@ a rank-r approximation P Q^T that all ranks agree on, and only P (n x r) and Q (
     M  = P Q^T                       the same on every rank: the averaged low-rank gradient
     error = M_local_before - M       kept for the next round
 
-1-D gradients, and matrices too small to be worth it (``(n + m) r * min_compression_rate >= n m``),
-are concatenated and all-reduced uncompressed. Before ``start_powerSGD_iter`` the whole bucket is
-all-reduced plainly (the early phase of training is the most sensitive to gradient noise).
+Matrices too small to be worth it (``(n + m) r * min_compression_rate >= n m``) are concatenated and
+all-reduced uncompressed; with the default rate (2) that includes every 1-D gradient (an n x 1 matrix
+is compressed only when ``min_compression_rate < n / (n + 1)``). Before ``start_powerSGD_iter`` the
+whole bucket is all-reduced plainly (the early phase of training is the most sensitive to gradient noise).
 
 The result equals ``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook.powerSGD_hook`` on the
-same inputs and options (tested bit-for-bit in ``tests/parallel/test_powersgd.py``); the only rule that
-differs is that 1-D gradients are never compressed (torch compresses them as n x 1 matrices when
-``min_compression_rate < n / (n + 1)``).
+same inputs and options (tested bit-for-bit in ``tests/parallel/test_powersgd.py``, 1-D gradients
+compressed as n x 1 matrices included).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class PowerSGDConfig:
     start_powerSGD_iter: int = 1_000
     """Plain all-reduce for a bucket's first this-many calls, PowerSGD afterwards (about 10% of steps)."""
     min_compression_rate: float = 2.0
-    """Compress a matrix only if n m > (n + m) r * this; others travel uncompressed with the 1-D ones."""
+    """Compress a matrix only if n m > (n + m) r * this; others travel uncompressed, concatenated. A 1-D
+    gradient of n is an n x 1 matrix (r = 1): compressed only if this < n / (n + 1), as in torch."""
     use_error_feedback: bool = True
     """Add the previous round's compression error to the gradient before compressing (needed to converge)."""
     warm_start: bool = True
@@ -108,10 +109,12 @@ def _make_plan(grads: list[torch.Tensor], cfg: PowerSGDConfig) -> _BucketPlan:
     by_shape: dict[tuple[int, int], _Group] = {}
     for i, g in enumerate(grads):
         plan.numel_before += g.numel()
-        if g.dim() < 2:
+        if g.dim() == 0:  # a scalar is no matrix (torch's hook would fail on shape[0])
             plan.uncompressed.append(i)
             plan.numel_after += g.numel()
             continue
+        # shape[0] x rest, as torch: a 1-D gradient of n is an n x 1 matrix, compressed (at r = 1)
+        # only when min_compression_rate < n / (n + 1).
         n, m = g.shape[0], g.numel() // g.shape[0]
         r = min(n, m, cfg.matrix_approximation_rank)
         if (n + m) * r * cfg.min_compression_rate >= n * m:

@@ -78,6 +78,9 @@ CONFIGS = [
         warm_start=False,
         min_compression_rate=1.0,
     ),
+    # min_compression_rate < 1: torch compresses an n-vector as an n x 1 matrix once n > rate (n + 1),
+    # so here the 1-D (8,), (20,), (64,) gradients are compressed too, at rank 1.
+    dict(matrix_approximation_rank=2, start_powerSGD_iter=2, min_compression_rate=0.5),
 ]
 ITERS = 5
 
@@ -170,7 +173,8 @@ def results(tmp_path_factory) -> list[dict]:
 
 
 def test_powersgd_matches_torch_reference_hook(results):
-    """4 configs x 5 iterations x 2 buckets on 2 ranks, across the switch-over at start_powerSGD_iter.
+    """5 configs x 5 iterations x 2 buckets on 2 ranks, across the switch-over at start_powerSGD_iter
+    (one config compresses the 1-D gradients as n x 1 matrices).
 
     Measured: bit-for-bit equal (relative difference 0.0) in fp32; the bound asserted is 1e-6.
     """
