@@ -10,6 +10,11 @@ Signature shared by every backend::
     hidden: (N, hidden)   weight: (vocab, hidden)   targets: (N,) int64, -100 = ignored
     loss: fp32 scalar, mean over targets != -100      logits: (N, vocab) in hidden's dtype
 
+When every target is -100 the loss is 0.0 with zero gradients, in every backend: a micro-batch with
+nothing to learn (an SFT batch of prompts cut by truncation) adds nothing instead of turning the
+step's loss and gradients into NaN. Each backend therefore sums the per-token losses and divides by
+``max(n_valid, 1)`` itself, without a host sync, rather than trusting a library's ``mean``.
+
 The fused-linear backends never materialise the (N, vocab) logits (the largest activation of a small
 model); they are used only when the caller does not ask for logits, otherwise the chain falls back.
 Logits are upcast to fp32 for the loss as transformers does.
@@ -28,52 +33,57 @@ from z2all.model.kernels.chunked_ce import chunked_linear_cross_entropy
 IGNORE_INDEX = -100
 
 
+def _n_valid(targets: torch.Tensor) -> torch.Tensor:
+    """``max(#targets != -100, 1)`` as an fp32 scalar tensor (the mean's divisor; 0/1 = 0 if none)."""
+    return (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+
+
 def eager_lm_head_loss(hidden, weight, targets, need_logits=True):
     logits = F.linear(hidden, weight)  # (N, V)
     logp = torch.log_softmax(logits.float(), dim=-1)
     valid = targets != IGNORE_INDEX
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
-    loss = -(picked * valid).sum() / valid.sum()
+    loss = -(picked * valid).sum() / _n_valid(targets)
     return loss, logits
 
 
 def torch_lm_head_loss(hidden, weight, targets, need_logits=True):
     logits = F.linear(hidden, weight)
-    loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
-    return loss, logits
+    loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / _n_valid(targets), logits
 
 
 @functools.cache
 def _liger_flce():
     mod = try_import("liger_kernel.transformers.fused_linear_cross_entropy")
-    return mod.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    return mod.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def liger_fused_linear_loss(hidden, weight, targets, need_logits=True):
     dt = autocast_dtype(hidden)  # the dtype the lm_head matmul would run in under autocast
-    return _liger_flce()(weight.to(dt), hidden.to(dt), targets).float(), None
+    return _liger_flce()(weight.to(dt), hidden.to(dt), targets).float() / _n_valid(targets), None
 
 
 @functools.cache
 def _liger_ce():
     mod = try_import("liger_kernel.transformers.cross_entropy")
-    return mod.LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    return mod.LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def liger_lm_head_loss(hidden, weight, targets, need_logits=True):
     logits = F.linear(hidden, weight)
-    return _liger_ce()(logits.float(), targets), logits
+    return _liger_ce()(logits.float(), targets) / _n_valid(targets), logits
 
 
 @functools.cache
 def _flash_ce():
     mod = try_import("flash_attn.losses.cross_entropy")
-    return mod.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+    return mod.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def flash_lm_head_loss(hidden, weight, targets, need_logits=True):
     logits = F.linear(hidden, weight)
-    return _flash_ce()(logits.float(), targets), logits
+    return _flash_ce()(logits.float(), targets) / _n_valid(targets), logits
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
