@@ -11,6 +11,10 @@ default settings, and the per-round paired ratios (median, min, max over rounds)
     python benchmarks/bench_ddp_step.py                      # defaults below
     python benchmarks/bench_ddp_step.py --layers 4 --width 256 --rounds 4
     python benchmarks/bench_ddp_step.py --device cuda --world-size 1   # one GPU: NCCL, 1 rank
+    python benchmarks/bench_ddp_step.py --mode train_loop              # z2all.training step, tiny
+
+``--mode train_loop`` times the real training step instead (``train_loop_worker``): the Llama ``tiny``
+preset through ``z2all.training.train`` with ``--ddp_impl=z2all`` vs ``--ddp_impl=torch``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import socket
 import statistics
+import tempfile
 import time
 
 import torch
@@ -180,19 +185,131 @@ def worker(rank: int, world: int, port: int, args) -> None:
         dist.destroy_process_group()
 
 
+def train_loop_worker(rank: int, world: int, port: int, args, out_root: str) -> None:
+    """``--mode train_loop``: the real ``z2all.training`` step, --ddp_impl=z2all vs torch, interleaved.
+
+    One process group for every ``train()`` call (train() reuses an initialised group and leaves it
+    alone). Round r trains a fresh Llama ``tiny`` (same seed, data and TrainConfig but ``ddp_impl``)
+    for ``--steps`` optimizer steps with each implementation, in an order that rotates per round.
+    Step times are the loop's own timer (tokens / tokens_per_s of each step: forward, backward, grad
+    sync, clip, AdamW, stats all-reduce; synchronised on CUDA); the first ``--warmup`` of each run are
+    dropped.
+    """
+    device = init_rank(rank, world, port, args)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    try:
+        from z2all.model import Z2allForCausalLM, get_preset
+        from z2all.training import TrainConfig, train
+        from z2all.training.loop import Components
+        from z2all.training.tasks import PretrainTask
+
+        mcfg = get_preset("tiny")
+        g = torch.Generator().manual_seed(0)
+        n_windows = args.batch * args.accum * args.steps
+        windows = torch.randint(0, mcfg.vocab_size, (n_windows, args.seq + 1), generator=g)
+        data = [(w[:-1], w[1:]) for w in windows]  # identical on every rank; the sampler splits it
+        impls = ["z2all", "torch"]
+        step_s: dict[str, list[float]] = {k: [] for k in impls}
+        per_round: dict[str, list[float]] = {k: [] for k in impls}
+        for r in range(args.rounds):
+            for impl in impls[r % 2 :] + impls[: r % 2]:
+                torch.manual_seed(0)
+                model = Z2allForCausalLM(mcfg).to(device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+                cfg = TrainConfig(
+                    data_dir="in-memory",
+                    out_dir=os.path.join(out_root, f"round{r}_{impl}"),
+                    max_iters=args.steps,
+                    warmup_iters=1,
+                    learning_rate=1e-3,
+                    min_lr=1e-4,
+                    train_batch_size=args.batch,
+                    gradient_accumulation_steps=args.accum,
+                    max_seq_len=args.seq,
+                    eval_interval=0,
+                    log_interval=10**6,
+                    save_interval=0,
+                    device=args.device,
+                    backend=args.backend,
+                    ddp_impl=impl,
+                )
+                dist.barrier()
+                history = train(
+                    cfg, Components(model=model, optimizer=opt, task=PretrainTask(), train_data=data)
+                )
+                tokens = [0] + [rec["tokens"] for rec in history.history]
+                times = [
+                    (t1 - t0) / rec["tokens_per_s"]
+                    for t0, t1, rec in zip(tokens, tokens[1:], history.history)
+                ][args.warmup :]
+                step_s[impl] += times
+                per_round[impl].append(statistics.median(times))
+        if rank == 0:
+            med = {k: statistics.median(v) * 1e3 for k, v in step_s.items()}
+            ratios = [a / b for a, b in zip(per_round["z2all"], per_round["torch"])]
+            result = {
+                "benchmark": "ddp_train_loop_step",
+                "world_size": world,
+                "backend": args.backend,
+                "device": str(device),
+                "threads_per_rank": torch.get_num_threads(),
+                "model": "tiny",
+                "params": sum(p.numel() for p in model.parameters()),
+                "micro_batch": args.batch,
+                "accum": args.accum,
+                "seq": args.seq,
+                "timed_steps_per_impl": len(step_s["z2all"]),
+                "median_step_ms": {k: round(v, 2) for k, v in med.items()},
+                "ratio_z2all_vs_torch": round(med["z2all"] / med["torch"], 3),
+                "paired_round_ratio_z2all_vs_torch": [
+                    round(f(ratios), 3) for f in (statistics.median, min, max)
+                ],
+            }
+            print(json.dumps(result, indent=2))
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--mode",
+        choices=("mlp", "train_loop"),
+        default="mlp",
+        help="mlp: bare steps of a residual MLP, 4 DDP variants; train_loop: z2all.training's step",
+    )
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--bucket-mb", type=float, default=4.0, help="bucket size for both DDPs (MiB of fp32)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per variant per round (mlp 4, train_loop 8)"
+    )
+    g = p.add_argument_group("--mode train_loop (Llama tiny, AdamW, in-memory random tokens)")
+    g.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    g.add_argument("--accum", type=int, default=2, help="global micro-batches per step (divisible by world)")
+    g.add_argument("--warmup", type=int, default=2, help="steps of each run left out of the timing")
     add_backend_args(p)
     args = p.parse_args()
     resolve_backend(p, args)
-    mp.spawn(worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
+    if args.mode == "mlp":
+        args.steps = args.steps or 4
+        mp.spawn(worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
+        return
+    args.steps = args.steps or 8
+    if args.steps <= args.warmup:
+        p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    if args.batch == p.get_default("batch"):
+        args.batch = 4  # sequences per micro-batch; the mlp default (64 rows) is far too many here
+    with tempfile.TemporaryDirectory() as out_root:
+        mp.spawn(
+            train_loop_worker,
+            args=(args.world_size, free_port(), args, out_root),
+            nprocs=args.world_size,
+            join=True,
+        )
 
 
 if __name__ == "__main__":
