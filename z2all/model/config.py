@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,22 @@ _HF_IGNORED_KEYS = frozenset(
         "task_specific_params",
     }
 )
+
+
+# Keys that change what a checkpoint computes, read by transformers outside LlamaConfig's own fields
+# (or by Llama variants sharing model_type "llama"): present with a non-neutral value -> refused.
+_HF_REFUSED_KEYS = {
+    "quantization_config": "quantized weights (dequantize the checkpoint first)",
+    "sliding_window": "sliding-window attention",
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "final_logit_softcapping": "final logit soft-capping",
+    "logits_scaling": "scaled logits",
+    "embedding_multiplier": "a scaled embedding",
+    "residual_multiplier": "scaled residual branches",
+    "attention_multiplier": "a non-standard attention scale",
+}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -231,7 +248,17 @@ class Z2allConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> Z2allConfig:
-        """Read a transformers Llama ``config.json`` (4.x or 5.x spelling)."""
+        """Read a transformers Llama ``config.json`` (4.x or 5.x spelling).
+
+        Keys are sorted into three kinds. Maths-changing ones are checked: an unsupported value
+        (``hidden_act`` != silu, ``attention_bias``/``mlp_bias`` true, ``pretraining_tp`` != 1, a rope
+        type other than default/linear/dynamic, a decoupled ``head_dim``, any key of
+        :data:`_HF_REFUSED_KEYS` such as ``quantization_config``) raises ``ValueError`` naming ``source``.
+        Bookkeeping keys transformers writes itself (:data:`_HF_IGNORED_KEYS`) are dropped silently.
+        Any other key (``auto_map``, ``model_max_length``, generation defaults, ...) is dropped with a
+        warning: transformers' ``LlamaForCausalLM`` stores such keys on its config and never reads
+        them, so ignoring them keeps the model equal to what transformers would compute.
+        """
         if d.get("model_type", "llama") != "llama":
             raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'llama'")
         if d.get("hidden_act", "silu") != "silu":
@@ -241,22 +268,41 @@ class Z2allConfig:
                 raise ValueError(f"{source}: {key}=true is not supported by the z2all Llama")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"{source}: pretraining_tp={d['pretraining_tp']} is not supported")
+        for key, what in _HF_REFUSED_KEYS.items():
+            if d.get(key) not in (None, False):
+                raise ValueError(f"{source}: {key}={d[key]!r} ({what}) is not supported by the z2all Llama")
         known = {f.name for f in dataclasses.fields(cls) if f.init} - {"kernels", "rope_scaling"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        unknown = sorted(set(d) - known - _HF_IGNORED_KEYS - {"rope_scaling"})
-        if unknown:
-            raise ValueError(f"{source}: unknown Llama config key(s) {unknown}")
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
-        if isinstance(rope, dict):
+        extra = sorted(set(d) - known - _HF_IGNORED_KEYS - set(_HF_REFUSED_KEYS) - {"rope_scaling"})
+        if extra:
+            logger.warning(
+                "%s: ignoring config key(s) %s (transformers' Llama does not read them either)", source, extra
+            )
+        # 5.x writes rope_parameters, 4.x rope_scaling; a file may carry both (one of them "default"):
+        # a scaling in either one counts, and two different scalings are refused.
+        scalings = []
+        for key in ("rope_scaling", "rope_parameters"):  # rope_parameters' rope_theta wins (5.x)
+            rope = d.get(key)
+            if not isinstance(rope, dict):
+                continue
             if "rope_theta" in rope:
                 kwargs["rope_theta"] = rope["rope_theta"]
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
-                kwargs["rope_scaling"] = {"rope_type": rope_type, "factor": rope.get("factor")}
+                scalings.append({"rope_type": rope_type, "factor": rope.get("factor")})
+        if len(scalings) == 2 and scalings[0] != scalings[1]:
+            raise ValueError(
+                f"{source}: rope_parameters and rope_scaling disagree ({scalings[0]} vs {scalings[1]})"
+            )
+        if scalings:
+            kwargs["rope_scaling"] = scalings[0]
         if isinstance(d.get("eos_token_id"), list):
             kwargs["eos_token_id"] = d["eos_token_id"][0]
         kwargs.update(overrides)
-        cfg = cls(**kwargs)
+        try:
+            cfg = cls(**kwargs)
+        except ValueError as e:  # e.g. an unsupported rope type: name the file it came from
+            raise ValueError(f"{source}: {e}") from e
         head_dim = d.get("head_dim")
         if head_dim is not None and head_dim != cfg.head_dim:
             raise ValueError(
