@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from z2all.atomic import atomic_open
+from z2all.cli_args import parse_dataclass_args
 from z2all.data.pretrain_dataset import (
     IbinHeader,
     PretokFormatError,
@@ -26,7 +27,6 @@ from z2all.data.pretrain_dataset import (
     window_starts,
 )
 from z2all.log import setup_logging
-from z2all.tokenizer.cli_args import parse_dataclass_args
 
 logger = logging.getLogger(__name__)
 _BLOCK = 1 << 20  # samples per write: 8 MiB of offsets

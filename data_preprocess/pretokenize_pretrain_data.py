@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
+from z2all.cli_args import parse_dataclass_args
 from z2all.log import setup_logging
-from z2all.tokenizer.cli_args import parse_dataclass_args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,9 +14,9 @@ import json
 import logging
 import sys
 
+from z2all.cli_args import parse_dataclass_args
 from z2all.data.sft_pretokenize import PretokenizeSFTConfig, pretokenize_sft
 from z2all.log import setup_logging
-from z2all.tokenizer.cli_args import parse_dataclass_args
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
 """Tokenizers: training (:mod:`~z2all.tokenizer.trainer`) and loading (:class:`Z2allTokenizer`).
 
-Ground floor: imports neither the model nor the data package. See ``docs/data.md``.
+Ground floor: imports neither the model nor the data package. The exception is the command-line
+face :mod:`z2all.tokenizer.train_tokenizer`, which reads corpora with ``z2all.data.readers`` and is
+never imported by this package. See ``docs/data.md``.
 """
 
 from z2all.tokenizer.special_tokens import (

@@ -4,7 +4,9 @@
         --tokenizer_type=hf_bbpe|sp_bbpe [--max_chars=N] [--text_field=text]
 
 Face only: reads documents with :mod:`z2all.data.readers` and hands them to
-:func:`z2all.tokenizer.trainer.train_tokenizer`.
+:func:`z2all.tokenizer.trainer.train_tokenizer`. This ``python -m`` entry point is the one module of
+the tokenizer package allowed to import ``z2all.data`` (the package itself, and everything
+``z2all.tokenizer`` exports, stays on the ground floor); nothing imports this module.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import sys
 import time
 from collections.abc import Iterator
 
+from z2all.cli_args import parse_dataclass_args
 from z2all.data.readers import ReadStats, iter_documents, list_data_files
 from z2all.log import setup_logging
-from z2all.tokenizer.cli_args import parse_dataclass_args
 from z2all.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
 logger = logging.getLogger(__name__)

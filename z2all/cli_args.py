@@ -1,4 +1,6 @@
-"""Turn a config dataclass into ``--field=value`` command-line flags (used by the data tools' faces).
+"""Turn a config dataclass into ``--field=value`` command-line flags (used by the command-line faces).
+
+Generic: imports nothing from z2all, so any package's ``python -m`` entry point may use it.
 
 Each field becomes one flag with the field's type and default; the docstring under a field is not
 available at runtime, so the help text names the type and default. Unknown flags are an error.
