@@ -64,11 +64,18 @@ def resolve_adamw_backend(param_groups: Iterable, backend: str = "auto") -> str:
         return "apex"
     if backend != "auto":
         return backend
+    return auto_adamw_backend(on_cuda)
+
+
+def auto_adamw_backend(on_cuda: bool) -> str:
+    """What ``backend="auto"`` picks when every parameter is on CUDA (``on_cuda``) or not.
+
+    apex counts only when ``apex.optimizers.FusedAdam`` really imports (a broken CUDA extension does
+    not); ``python -m z2all.env`` reports this for the current machine.
+    """
     if on_cuda and _apex_fused_adam() is not None:
         return "apex"
-    if on_cuda:
-        return "fused"
-    return "foreach"
+    return "fused" if on_cuda else "foreach"
 
 
 def build_adamw(

@@ -2,7 +2,8 @@
 
 z2all / Python / platform / torch / CUDA / cuDNN / NCCL versions, the visible devices, which optional
 libraries are installed (with versions), the fused-kernel backends a model built now would use, the
-AdamW backend for CUDA parameters, and the torch.distributed backends available.
+AdamW backend ``optimizer.build_adamw(backend="auto")`` picks for parameters on the default device
+(CUDA when available; same resolution code), and the torch.distributed backends available.
 ``--json`` prints the same as one JSON object.
 """
 
@@ -84,9 +85,10 @@ def collect() -> dict:
         ):
             if getattr(dist, check, lambda: False)():
                 backends.append(name)
-    adamw = "fused (CUDA)" if torch.cuda.is_available() else "foreach"
-    if torch.cuda.is_available() and library_version("apex") is not None:
-        adamw = "apex"
+    from optimizer.adamw import auto_adamw_backend
+
+    # The optimizer's own resolution (apex only if FusedAdam imports), for parameters on the default device.
+    adamw = auto_adamw_backend(on_cuda=torch.cuda.is_available())
     return {
         "z2all": z2all.__version__,
         "python": sys.version.split()[0],

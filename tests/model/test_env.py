@@ -59,3 +59,25 @@ def test_env_json():
     info = json.loads(buf.getvalue())
     assert info["kernel_backends"] == kernels.active_backends()
     assert set(info["libraries"]) >= {"flash_attn", "apex", "xformers", "liger_kernel", "wandb"}
+
+
+def test_adamw_backend_is_the_optimizers_own_resolution(monkeypatch):
+    """env reports what build_adamw(backend="auto") picks: apex only if FusedAdam really imports."""
+    import optimizer.adamw as adamw
+    from optimizer import resolve_adamw_backend
+    from z2all import env
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    if not torch.cuda.is_available():
+        assert env.collect()["adamw_backend"] == resolve_adamw_backend([p]) == "foreach"
+    # A CUDA machine where apex is installed (find_spec sees it) but its extension is broken:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(env, "library_version", lambda name: "0.1")
+    monkeypatch.setattr(env, "_devices", lambda: ["cuda:0 (fake)"])
+    monkeypatch.setattr(env, "_nccl_version", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: None)
+    monkeypatch.setattr(adamw, "_apex_fused_adam", lambda: None)
+    assert env.collect()["adamw_backend"] == "fused"
+    monkeypatch.setattr(adamw, "_apex_fused_adam", lambda: object)  # FusedAdam imports
+    assert env.collect()["adamw_backend"] == "apex"
