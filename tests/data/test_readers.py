@@ -191,24 +191,40 @@ def test_stats_merge_and_to_dict():
     }
 
 
-@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".txt"])
 def test_memory_stays_flat_in_file_size(tmp_path, suffix):
-    """Streaming a ~8 MB file must not allocate anything near its size (tracemalloc peak < 1 MB)."""
+    """Streaming a ~8 MB file must not allocate anything near its size: Python heap (tracemalloc) peak
+    < 1 MB, and Arrow's own buffers (not seen by tracemalloc; ~1.5 MB for one 0.5 MB row group) < 2 MB.
+    Whole-file ``iter_batches`` held ~10 MB here: it reads ahead in proportion to the file."""
     path = tmp_path / f"big{suffix}"
     doc = "中文 text " * 100
     n = 8_000_000 // len(doc.encode())
-    with open(path, "w", encoding="utf-8") as f:
-        if suffix == ".json":
-            f.write("[" + ",".join([json.dumps({"text": doc}, ensure_ascii=False)] * n) + "]")
-        else:
-            f.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n") * n)
+    if suffix == ".parquet":
+        # 16 row groups of ~0.5 MB each; no compression, so the file is as large as its text
+        table = pa.table({"text": pa.array([f"{i} {doc}" for i in range(n)])})
+        pq.write_table(table, path, row_group_size=n // 16 + 1, compression="none")
+        assert pq.ParquetFile(path).num_row_groups == 16
+        del table
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            if suffix == ".json":
+                f.write("[" + ",".join([json.dumps({"text": doc}, ensure_ascii=False)] * n) + "]")
+            elif suffix == ".jsonl":
+                f.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n") * n)
+            else:  # .txt: paragraphs of two lines separated by blank lines
+                f.write(f"{doc}\nsecond line\n\n" * n)
     assert os.path.getsize(path) > 7_000_000
+    arrow_base = pa.total_allocated_bytes()
+    arrow_peak = count = 0
     tracemalloc.start()
-    count = sum(1 for _ in iter_documents(path))
+    for _ in iter_documents(path):
+        count += 1
+        arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_base)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert count == n
     assert peak < 1_000_000, f"peak {peak} bytes while streaming {os.path.getsize(path)} bytes"
+    assert arrow_peak < 2_000_000, f"Arrow held {arrow_peak} bytes while streaming"
 
 
 def test_shared_pretrain_corpora_read_cleanly(shared_data):

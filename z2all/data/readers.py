@@ -276,6 +276,17 @@ def _iter_json_array(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]
             logger.warning("%s: %s at item %d; the rest of this file is skipped", path, kind, index)
 
 
+def _parquet_batches(pf, columns: list[str] | None):
+    """Record batches, one row group at a time.
+
+    ``ParquetFile.iter_batches`` over the whole file reads ahead: with pyarrow 26 its buffers grow with
+    the file (10 MB held for an 8 MB file, 27 MB for 24 MB). Asking for one row group per call keeps
+    Arrow's memory at about one decoded row group, whatever the number of row groups.
+    """
+    for rg in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns, row_groups=[rg])
+
+
 def _iter_parquet(path: Path, fields: tuple[str, ...] | None, stats: ReadStats) -> Iterator[tuple[int, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -293,7 +304,7 @@ def _iter_parquet(path: Path, fields: tuple[str, ...] | None, stats: ReadStats) 
         columns = found[:1]
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        for batch in _parquet_batches(pf, columns):
             for rec in batch.to_pylist():
                 for k, v in rec.items():
                     if isinstance(v, bytes):  # binary column: decode ourselves to catch bad UTF-8
