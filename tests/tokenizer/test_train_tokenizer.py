@@ -87,3 +87,35 @@ def test_sp_input_sentence_size_caps_what_sentencepiece_loads(tmp_path):
     assert TokenizerTrainConfig().sp_shuffle_input_sentence is True
     with pytest.raises(ValueError, match="sp_input_sentence_size"):
         TokenizerTrainConfig(sp_input_sentence_size=-1)
+
+
+def test_max_chars_cuts_the_corpus_exactly(tmp_path):
+    """corpus_texts yields exactly max_chars characters: whole documents, then the head of the one that
+    crosses the limit; never an empty piece; 0 means everything."""
+    from z2all.data.readers import ReadStats, iter_documents, list_data_files
+    from z2all.tokenizer.train_tokenizer import corpus_texts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "a.jsonl", "w", encoding="utf-8") as f:
+        for t in BUILTIN_TEXTS:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    (data / "b.txt").write_text("\n\n".join(BUILTIN_TEXTS[::-1]), "utf-8")
+    docs = [d for p in list_data_files(data) for d in iter_documents(p)]
+    total = sum(map(len, docs))
+    first = len(docs[0])
+
+    def expected(limit: int) -> list[str]:
+        out, left = [], limit or total
+        for d in docs:
+            if left <= 0:
+                break
+            out.append(d[:left])
+            left -= len(d)
+        return out
+
+    for limit in (1, first - 1, first, first + 1, total // 2, total - 1, total, total + 50, 0):
+        cfg = TokenizerTrainConfig(data_dir=str(data), max_chars=limit)
+        got = list(corpus_texts(cfg, ReadStats()))
+        assert got == expected(limit), limit
+        assert sum(map(len, got)) == (min(limit, total) if limit else total) and all(got), limit
