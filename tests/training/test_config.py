@@ -64,6 +64,15 @@ def test_types_are_converted():
             ["--data_dir=d", "--overlap_optim_step", "--ddp_impl=z2all"],
             "--overlap_optim_step cannot clip by the global norm",
         ),
+        (
+            ["--data_dir=d", "--comm_hook=powersgd", "--powersgd_start_iter=1"],
+            "--powersgd_start_iter must be >= 2 with --comm_hook=powersgd, got 1",
+        ),
+        (["--data_dir=d", "--valid_samples=-1"], "--valid_samples must be >= 0"),
+        (
+            ["--data_dir=d", "--task_type=sft", "--valid_samples=5"],
+            "--valid_samples is supported for --task_type=pretrain only",
+        ),
         (["--max_iters=5"], "--data_dir is required"),
         (["--data_dir=d", "stray"], "unexpected argument 'stray'"),
     ],

@@ -60,6 +60,21 @@ class TinyLM(nn.Module):
         return _Out(loss, logits)
 
 
+class NanGateLM(TinyLM):
+    """TinyLM whose loss is NaN through one parameter only: ``gate`` gets a NaN gradient (the others
+    get the finite cross-entropy gradient), so a NaN check must name ``gate``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.tensor([-1.0]))
+
+    def forward(self, input_ids: torch.Tensor, labels=None, return_logits: bool = True) -> _Out:
+        out = super().forward(input_ids, labels, return_logits)
+        if out.loss is not None:
+            out.loss = out.loss + 0.0 * torch.sqrt(self.gate).sum()  # sqrt(-1) = NaN
+        return out
+
+
 def make_data(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Windows of a learnable sequence: next = (5 * cur + 3) % VOCAB from a random start (2 random tokens)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,10 +89,10 @@ def make_data(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def make_components(cfg: TrainConfig, dropout: float = 0.0) -> Components:
+def make_components(cfg: TrainConfig, dropout: float = 0.0, nan_gate: bool = False) -> Components:
     torch.set_num_threads(1)  # tiny tensors: threads only add contention (conftest restores the count)
     torch.manual_seed(cfg.seed)  # identical init on every rank and in every run
-    model = TinyLM(dropout=dropout)
+    model = NanGateLM() if nan_gate else TinyLM(dropout=dropout)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
@@ -137,6 +152,10 @@ def test_loss_falls_and_outputs_written(tmp_path):
     assert recs[0]["comm_bytes"] == 0  # one process: no gradient sync
     info = json.loads((Path(cfg.out_dir) / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["num_params"] == sum(p.numel() for p in TinyLM().parameters())
+    # the requested settings, and what actually wrapped the model on one process
+    assert (info["ddp_impl"], info["effective_ddp"]) == (cfg.ddp_impl, "none")
+    assert info["comm_hook"] == cfg.comm_hook and info["bucket_size"] == cfg.bucket_size
+    assert info["overlap_grad_reduce"] == cfg.overlap_grad_reduce
     # AdamW holds exp_avg + exp_avg_sq (fp32) per parameter and a step counter per tensor
     assert info["optimizer_state_bytes_per_rank"] >= 2 * 4 * info["num_params"]
     saved = json.loads((Path(cfg.out_dir) / "config.json").read_text())
@@ -168,9 +187,9 @@ def _run_rank(rank, world, out_dir, variants):
     if ("z2all", "allreduce") in variants:
         psgd = dict(ddp_impl="z2all", comm_hook="powersgd", powersgd_start_iter=2, powersgd_rank=2)
         full = make_cfg(f"{out_dir}/psgd-full", save_interval=0, **psgd)
-        out["psgd-full"] = torch.tensor(
-            _losses(train(full, make_components(full)).history), dtype=torch.float64
-        )
+        hist = train(full, make_components(full)).history
+        out["psgd-full"] = torch.tensor(_losses(hist), dtype=torch.float64)
+        out["psgd-full-comm"] = torch.tensor([r["comm_bytes"] for r in hist])
         part = make_cfg(f"{out_dir}/psgd-part", max_iters=3, **psgd)
         train(part, make_components(part))
         resumed = make_cfg(f"{out_dir}/psgd-part", resume=True, **psgd)
@@ -178,6 +197,16 @@ def _run_rank(rank, world, out_dir, variants):
         out["psgd-resumed"] = torch.tensor(
             _losses(read_metrics(resumed.out_dir)) if rank == 0 else [], dtype=torch.float64
         )
+    for ddp_impl in dict.fromkeys(impl for impl, _ in variants):
+        # --check_for_nan_in_grad: a NaN loss stops the run on every rank, naming the parameter
+        nan_cfg = make_cfg(
+            f"{out_dir}/nan-{ddp_impl}", ddp_impl=ddp_impl, check_for_nan_in_grad=True, save_interval=0
+        )
+        try:
+            train(nan_cfg, make_components(nan_cfg, nan_gate=True))
+            out[f"nan-{ddp_impl}"] = ""
+        except RuntimeError as e:
+            out[f"nan-{ddp_impl}"] = str(e)
     for ddp_impl, comm_hook in variants:
         cfg = make_cfg(
             f"{out_dir}/{ddp_impl}-{comm_hook}", ddp_impl=ddp_impl, comm_hook=comm_hook, save_interval=0
@@ -215,9 +244,21 @@ def test_two_ranks_equal_one_rank(tmp_path):
         assert torch.isfinite(two[0]["psgd-full"]).all()
         assert not torch.equal(two[0]["psgd-full"], ref["loss"])
         assert torch.equal(two[0]["psgd-resumed"], two[0]["psgd-full"])
+        # comm_bytes: the plain all-reduce's bytes for the first powersgd_start_iter=2 steps, then
+        # strictly fewer (P and Q factors), the same every step
+        allreduce_bytes = two[0]["z2all-allreduce"]["comm"][0].item()
+        psgd_comm = two[0]["psgd-full-comm"].tolist()
+        assert psgd_comm[:2] == [allreduce_bytes] * 2, psgd_comm
+        assert len(set(psgd_comm[2:])) == 1 and 0 < psgd_comm[2] < allreduce_bytes, psgd_comm
     for impl, hook in variants:
         name = f"{impl}-{hook}"
-        for r in range(2):  # every rank logs the same all-reduced numbers
+        for r in range(2):
+            msg = two[r][f"nan-{impl}"]
+            assert "non-finite (NaN/Inf) gradient" in msg and "gate" in msg, (impl, msg)
+            assert "head.weight" not in msg and "_orig_mod" not in msg, (
+                impl,
+                msg,
+            )  # every rank logs the same all-reduced numbers
             if hook == "allreduce":
                 for key, want in ref.items():
                     torch.testing.assert_close(
@@ -263,6 +304,14 @@ def test_resume_is_bit_exact_and_survives_corrupt_newest(tmp_path):
     recs = read_metrics(res_cfg.out_dir)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert _losses(recs) == full
+
+
+def test_nan_check_on_one_process(tmp_path):
+    cfg = make_cfg(tmp_path / "nan", check_for_nan_in_grad=True, save_interval=0)
+    with pytest.raises(RuntimeError, match=r"non-finite \(NaN/Inf\) gradient .* in parameter\(s\): gate$"):
+        train(cfg, make_components(cfg, nan_gate=True))
+    off = make_cfg(tmp_path / "nan-off", max_iters=1, lr_decay_iters=1, warmup_iters=0, save_interval=0)
+    assert math.isnan(train(off, make_components(off, nan_gate=True)).history[0]["loss"])  # default: off
 
 
 def test_lr_follows_schedule_in_metrics(tmp_path):

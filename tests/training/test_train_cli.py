@@ -26,13 +26,14 @@ SCRIPT = str(REPO_ROOT / "train_my_ddp.py")
 
 # Renaming or removing a flag breaks users' scripts and configs: change this list consciously.
 FLAG_SNAPSHOT = [
-    "adam_eps", "backend", "beta1", "beta2", "bucket_size", "comm_hook", "compile", "data_dir", "ddp_impl",
+    "adam_eps", "backend", "beta1", "beta2", "bucket_size", "check_for_nan_in_grad", "comm_hook", "compile",
+    "data_dir", "ddp_impl",
     "debug", "device", "dpo_beta", "dtype", "eval_interval", "eval_iters", "grad_clip", "grad_reduce_in_fp32",
     "gradient_accumulation_steps", "init_from", "keep_checkpoints", "learning_rate", "log_interval",
     "lr_decay_iters", "max_iters", "max_seq_len", "min_lr", "model_config", "optimizer_backend", "out_dir",
     "overlap_grad_reduce", "overlap_optim_step", "powersgd_rank", "powersgd_start_iter", "resume", "run_name",
     "save_interval", "seed", "sft_type", "task_type", "tokenizer_dir", "tracker", "train_batch_size",
-    "valid_ratio", "warmup_iters", "weight_decay",
+    "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
 ]  # fmt: skip
 
 

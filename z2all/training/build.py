@@ -158,7 +158,8 @@ def bucket_optimizer_factory(cfg: TrainConfig):
 
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
-    """(train, valid) datasets of the task; the split is deterministic in (seed, valid_ratio)."""
+    """(train, valid) datasets of the task; the split is deterministic in (seed, valid_ratio) or, for
+    pretrain with ``--valid_samples > 0``, in (seed, valid_samples)."""
     if not Path(cfg.data_dir).exists():
         raise ConfigError(f"--data_dir={cfg.data_dir}: no such file or folder")
     if cfg.task_type == "pretrain":
@@ -171,6 +172,7 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
                 tokenizer,
                 split=split,
                 valid_ratio=cfg.valid_ratio,
+                valid_samples=cfg.valid_samples if cfg.valid_samples > 0 else None,
                 seed=cfg.seed,
             )
     elif cfg.task_type == "sft":
@@ -200,7 +202,7 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
             )
 
     train = make("train")
-    valid = make("valid") if cfg.valid_ratio > 0 else None
+    valid = make("valid") if cfg.valid_ratio > 0 or cfg.valid_samples > 0 else None
     if valid is not None and len(valid) == 0:
         valid = None
     if len(train) < cfg.train_batch_size:

@@ -51,6 +51,8 @@ class TrainConfig:
     """A z2all run dir or a Hugging Face Llama dir whose weights start the run (SFT, DPO, continued)."""
     valid_ratio: float = 0.01
     """Fraction of the data held out for evaluation."""
+    valid_samples: int = 0
+    """pretrain: exact number of held-out samples (windows); 0 means use valid_ratio. sft/dpo: ratio only."""
 
     # ---- optimisation -----------------------------------------------------------------------------
     max_iters: int = 100
@@ -134,7 +136,10 @@ class TrainConfig:
     powersgd_rank: int = 1
     """PowerSGD matrix approximation rank."""
     powersgd_start_iter: int = 10
-    """PowerSGD: plain all-reduce for this many steps before compressing."""
+    """PowerSGD: plain all-reduce for this many steps before compressing (>= 2, for both --ddp_impl)."""
+    check_for_nan_in_grad: bool = False
+    """Stop with an error naming the parameter(s) when a gradient is NaN/Inf (z2all DDP checks each
+    bucket before and after its reduction; otherwise every grad is checked after the sync)."""
     overlap_optim_step: bool = False
     """z2all DDP: run each bucket's optimizer step as soon as its gradients are reduced."""
 
@@ -176,6 +181,7 @@ class TrainConfig:
             "grad_clip",
             "min_lr",
             "powersgd_start_iter",
+            "valid_samples",
         )
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -209,6 +215,18 @@ class TrainConfig:
                 raise ConfigError(
                     f"--tracker={self.tracker} needs the {package!r} package: pip install {package}"
                 )
+        if self.comm_hook == "powersgd" and self.powersgd_start_iter < 2:
+            # torch's PowerSGDState refuses < 2 with error feedback / warm start (the first steps
+            # must run plain all-reduce); one rule for both implementations keeps them comparable.
+            raise ConfigError(
+                "--powersgd_start_iter must be >= 2 with --comm_hook=powersgd, "
+                f"got {self.powersgd_start_iter}"
+            )
+        if self.valid_samples > 0 and self.task_type != "pretrain":
+            raise ConfigError(
+                f"--valid_samples is supported for --task_type=pretrain only (got {self.task_type}): "
+                "use --valid_ratio"
+            )
         if self.ddp_impl == "torch" and self.overlap_optim_step:
             raise ConfigError("--overlap_optim_step needs --ddp_impl=z2all")
         if self.overlap_optim_step and self.grad_clip > 0:

@@ -231,7 +231,11 @@ def _run_info(cfg: TrainConfig, comp: Components, world: int, device: torch.devi
 
     info: dict[str, Any] = {
         "world_size": world,
-        "ddp_impl": cfg.ddp_impl if world > 1 else "none",
+        "ddp_impl": cfg.ddp_impl,  # as requested
+        "effective_ddp": dp.impl,  # what wraps the model: "none" on one process, else ddp_impl
+        "comm_hook": cfg.comm_hook,
+        "bucket_size": cfg.bucket_size,
+        "overlap_grad_reduce": cfg.overlap_grad_reduce,
         "use_distributed_optimizer": False,
         "task_type": cfg.task_type,
         "num_params": sum(p.numel() for p in comp.model.parameters()),

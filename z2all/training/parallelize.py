@@ -92,8 +92,9 @@ class DataParallelModel:
         comm_state: dict | None = None,
         make_bucket_optimizer=None,
     ):
-        self.module = module  # the unwrapped model: what is saved and what the optimizer holds
+        self.module = module  # the model (maybe torch.compile'd): what the optimizer holds
         self.impl = "none"
+        self._check_nan = bool(getattr(cfg, "check_for_nan_in_grad", False))
         self._counter: _ByteCounter | None = None
         self._powersgd = None  # z2all PowerSGDState, whose state_dict goes into checkpoints
         self._overlap = None  # z2all OptimizerOverlapState: per-bucket optimizers stepped in the hook
@@ -114,16 +115,32 @@ class DataParallelModel:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [device.index] if device.type == "cuda" else None
-        self.wrapped = DDP(
-            self.module, device_ids=device_ids, bucket_cap_mb=max(1, cfg.bucket_size * 4 // 2**20)
-        )
+        bucket_cap_mb = max(1, cfg.bucket_size * 4 // 2**20)
+        if cfg.comm_hook == "powersgd" and dist.get_backend() == "gloo":
+            # torch's powerSGD_hook issues its Q all-reduce from a Future.then callback, which gloo runs
+            # on a worker thread: with >1 bucket those collectives can pair up differently on different
+            # ranks (see parallel/ddp_comm_hooks/bucket.py). One bucket for all gradients is safe.
+            # (An explicit bucket_cap_mb also sets torch's first-bucket cap, so nothing is split off.)
+            grad_bytes = sum(
+                p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad
+            )
+            single = grad_bytes // 2**20 + 1
+            if single > bucket_cap_mb:
+                log.info(
+                    "--ddp_impl=torch --comm_hook=powersgd on gloo: one gradient bucket of %d MiB instead of "
+                    "%d MiB (torch's PowerSGD hook is only safe with a single bucket on gloo)",
+                    single,
+                    bucket_cap_mb,
+                )
+                bucket_cap_mb = single
+        self.wrapped = DDP(self.module, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
         if cfg.comm_hook == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
             ps = psgd.PowerSGDState(
                 process_group=None,
                 matrix_approximation_rank=cfg.powersgd_rank,
-                start_powerSGD_iter=max(2, cfg.powersgd_start_iter),
+                start_powerSGD_iter=cfg.powersgd_start_iter,  # >= 2, checked by TrainConfig
                 use_error_feedback=True,
                 warm_start=True,
                 random_seed=cfg.seed,
@@ -150,8 +167,12 @@ class DataParallelModel:
             grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
             overlap_grad_reduce=cfg.overlap_grad_reduce,
             bucket_size=cfg.bucket_size,
+            check_for_nan_in_grad=cfg.check_for_nan_in_grad,
         )
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
+        # Under --compile the module is torch.compile's wrapper, whose parameter names carry an
+        # `_orig_mod.` prefix: report the model's own names (NaN/Inf errors, late-gradient errors).
+        self.wrapped.param_to_name = {p: _model_name(n) for p, n in self.wrapped.param_to_name.items()}
         hook, hook_state = None, None  # None: the DDP's built-in averaging all-reduce
         if cfg.comm_hook == "powersgd":
             from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
@@ -243,10 +264,27 @@ class DataParallelModel:
         return self.wrapped.no_sync()
 
     def finish_grad_sync(self) -> None:
-        """After the last backward of a step: wait until every param.grad is the all-rank average."""
+        """After the last backward of a step: wait until every param.grad is the all-rank average.
+
+        With ``check_for_nan_in_grad`` a NaN/Inf gradient raises RuntimeError naming the parameter(s)
+        (z2all DDP checks itself, per bucket, before and after the reduction). Otherwise the reduced
+        grads are checked here; they are equal on every rank, so every rank raises together.
+        """
         if self.impl == "z2all":
             self.wrapped.finish_grad_sync()
         # torch DDP finishes its all-reduces inside backward() (autograd waits on the hook futures).
+        elif self._check_nan:
+            bad = [
+                _model_name(n)
+                for n, p in self.module.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
+            if bad:
+                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+                raise RuntimeError(
+                    f"non-finite (NaN/Inf) gradient on rank {rank} after the gradient sync "
+                    f"(--check_for_nan_in_grad), in parameter(s): {', '.join(bad)}"
+                )
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         if self.impl == "z2all":
@@ -264,6 +302,13 @@ class DataParallelModel:
             self.wrapped.reset_comm_stats()
             return n
         return 0
+
+
+def _model_name(name: str) -> str:
+    """A parameter name without torch.compile's ``_orig_mod.`` prefixes (the model's own name)."""
+    while name.startswith("_orig_mod."):
+        name = name[len("_orig_mod.") :]
+    return name.replace("._orig_mod.", ".")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
