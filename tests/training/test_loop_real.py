@@ -1,7 +1,9 @@
 """End to end on the real pieces: tokenizer, pretokenized shared corpus, the tiny Llama, AdamW.
 
 pretrain -> SFT (--init_from the pretrain run) -> DPO (--init_from the SFT run), each short, each
-checked for a falling loss; DPO's first step must give ln 2 exactly (policy == reference).
+checked for a falling loss; DPO's first step must give ln 2 exactly (policy == reference). The SFT
+run is a module fixture, so the DPO test does not depend on the SFT test having run. SFT and DPO
+(with its frozen reference) on 2 ranks equal 1 rank.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from tests.data.conftest import build_tokenizer
+from tests.dist_utils import run_distributed
 from z2all.training.config import TrainConfig
 from z2all.training.loop import train
 from z2all.training.metrics import read_metrics
@@ -85,36 +88,46 @@ def test_pretrain_loss_falls(world):
     assert info["tokenizer_fingerprint"] and info["model_config"]["vocab_size"] == 1024  # 1000 padded to 64
 
 
-def test_sft_from_pretrain_loss_falls(world):
-    cfg = common(
-        world["root"] / "sft",
-        "",
+def _sft_cfg(world, out_dir: Path, **kw) -> TrainConfig:
+    base = dict(
         task_type="sft",
         init_from=str(world["pretrain"]),
         data_dir=str(world["shared"] / "sft" / "chatterbot_messages.jsonl"),
         max_iters=20,
         learning_rate=2e-3,
     )
-    res = train(cfg)
+    base.update(kw)
+    return common(out_dir, "", **base)
+
+
+@pytest.fixture(scope="module")
+def sft_run(world):
+    """A short SFT run --init_from the pretrain run: (its config, its metrics history)."""
+    cfg = _sft_cfg(world, world["root"] / "sft")
+    return cfg, train(cfg).history
+
+
+def test_sft_from_pretrain_loss_falls(world, sft_run):
+    cfg, history = sft_run
     assert cfg.tokenizer_dir == str(world["tok"])  # taken from the --init_from run's config.json
-    losses = [r["loss"] for r in res.history]
+    losses = [r["loss"] for r in history]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
-    world["sft"] = Path(cfg.out_dir)
 
 
-def test_dpo_first_step_is_ln2_and_learns(world):
-    # 32 real pairs, 4 passes over them: enough for the preference to be learned on a tiny model.
-    pairs = world["root"] / "dpo32" / "pairs.jsonl"
-    pairs.parent.mkdir(exist_ok=True)
-    with open(world["shared"] / "dpo" / "chatterbot_pairs.jsonl", encoding="utf-8") as f:
-        pairs.write_text("".join(next(f) for _ in range(32)), encoding="utf-8")
-    init = world.get("sft", world["pretrain"])
-    cfg = common(
-        world["root"] / "dpo",
-        world["tok"],
+def _dpo_pairs(world, n: int = 32) -> Path:
+    pairs = world["root"] / f"dpo{n}" / "pairs.jsonl"
+    if not pairs.is_file():
+        pairs.parent.mkdir(exist_ok=True)
+        with open(world["shared"] / "dpo" / "chatterbot_pairs.jsonl", encoding="utf-8") as f:
+            pairs.write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
+    return pairs
+
+
+def _dpo_cfg(world, out_dir: Path, init: Path, **kw) -> TrainConfig:
+    base = dict(
         task_type="dpo",
         init_from=str(init),
-        data_dir=str(pairs),
+        data_dir=str(_dpo_pairs(world)),
         max_iters=16,
         dpo_beta=0.1,
         learning_rate=1e-3,
@@ -122,6 +135,13 @@ def test_dpo_first_step_is_ln2_and_learns(world):
         eval_interval=0,
         valid_ratio=0,
     )
+    base.update(kw)
+    return common(out_dir, world["tok"], **base)
+
+
+def test_dpo_first_step_is_ln2_and_learns(world, sft_run):
+    # 32 real pairs, 4 passes over them: enough for the preference to be learned on a tiny model.
+    cfg = _dpo_cfg(world, world["root"] / "dpo", Path(sft_run[0].out_dir))
     recs = train(cfg).history
     # step 1: policy == reference, every implicit reward is 0, loss = -log sigmoid(0) = ln 2
     assert recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -141,3 +161,45 @@ def test_dpo_first_step_is_ln2_and_learns(world):
     assert sum(r["loss"] for r in late) / 8 < math.log(2) - 0.1
     assert sum(r["rewards/accuracies"] for r in late) / 8 > 0.6
     assert sum(r["rewards/margins"] for r in late) / 8 > 0
+
+
+def _short(world, task: str, out_dir: str, init: str) -> TrainConfig:
+    """3 fp32 steps of SFT or DPO with 4 global micro-batches (so 1 and 2 ranks both divide them)."""
+    kw = dict(max_iters=3, lr_decay_iters=3, warmup_iters=1, gradient_accumulation_steps=4, eval_interval=0)
+    if task == "sft":
+        return _sft_cfg(world, Path(out_dir), init_from=init, **kw)
+    return _dpo_cfg(world, Path(out_dir), Path(init), **kw)
+
+
+def _rank_short(rank, world_size, world, task, out_dir, init):
+    torch.set_num_threads(1)
+    hist = train(_short(world, task, out_dir, init)).history
+    keys = ["loss", "grad_norm"] + (["rewards/margins", "logps/chosen"] if task == "dpo" else [])
+    return {k: torch.tensor([r[k] for r in hist], dtype=torch.float64) for k in keys}
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_two_ranks_equal_one_rank_sft_dpo(world, sft_run, task, tmp_path):
+    """Same global batch, same samples (the sampler deals global micro-batches to ranks): the
+    all-reduced losses and grad norms of 2 ranks equal 1 rank's within fp32 reduction-order noise.
+    DPO includes the frozen reference model's log-probs on each rank."""
+    init = str(sft_run[0].out_dir if task == "dpo" else world["pretrain"])
+    one = _rank_short(0, 1, world, task, str(tmp_path / "one"), init)
+    two = run_distributed(_rank_short, 2, world, task, str(tmp_path / "two"), init)
+    for r in range(2):
+        for key, want in one.items():
+            torch.testing.assert_close(two[r][key], want, rtol=1e-4, atol=0, msg=f"{task} rank {r} {key}")
+
+
+def test_valid_samples_sets_the_exact_held_out_count(world):
+    from z2all.training.build import build_data
+    from z2all.training.build import build_tokenizer as build_train_tokenizer
+
+    cfg = common(world["root"] / "vs", world["tok"], data_dir=str(world["pretok"]), valid_samples=7)
+    tokenizer = build_train_tokenizer(cfg)
+    train_ds, valid_ds = build_data(cfg, tokenizer)
+    by_ratio = build_data(
+        common(world["root"] / "vr", world["tok"], data_dir=str(world["pretok"])), tokenizer
+    )
+    assert len(valid_ds) == 7
+    assert len(train_ds) + 7 == len(by_ratio[0]) + len(by_ratio[1])  # same windows, other split
