@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 CommHook = Callable[[object, GradBucket], torch.futures.Future]
 
 
+def _strip_compile_prefix(name: str) -> str:
+    """``_orig_mod.layers.0.w`` (a torch.compile'd module's name) -> ``layers.0.w``."""
+    return name.replace("_orig_mod.", "")
+
+
 class DistributedDataParallel(nn.Module):
     """Wrap any ``nn.Module`` for data-parallel training over ``process_group`` (default: world)."""
 
@@ -64,7 +69,10 @@ class DistributedDataParallel(nn.Module):
         self.global_rank = dist.get_rank()
 
         # named_parameters() de-duplicates shared (tied) parameters: each appears once, first name.
-        self.param_to_name: dict[nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        # Names are the model's own: torch.compile's `_orig_mod.` wrapper prefix is dropped.
+        self.param_to_name: dict[nn.Parameter, str] = {
+            p: _strip_compile_prefix(n) for n, p in module.named_parameters()
+        }
         params = [p for p in self.param_to_name if p.requires_grad]  # registration order
         devices = {p.device for p in params}
         if len(devices) > 1:

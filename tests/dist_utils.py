@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ def _worker(rank, fn, world_size, port, result_dir, args):
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A bounded timeout: a collective-order bug must fail the test, not hang CI.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=180))
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(result_dir) / f"rank{rank}.pt")

@@ -169,10 +169,8 @@ class DataParallelModel:
             bucket_size=cfg.bucket_size,
             check_for_nan_in_grad=cfg.check_for_nan_in_grad,
         )
+        # Under --compile the DDP reports the model's own names (it drops `_orig_mod.` itself).
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
-        # Under --compile the module is torch.compile's wrapper, whose parameter names carry an
-        # `_orig_mod.` prefix: report the model's own names (NaN/Inf errors, late-gradient errors).
-        self.wrapped.param_to_name = {p: _model_name(n) for p, n in self.wrapped.param_to_name.items()}
         hook, hook_state = None, None  # None: the DDP's built-in averaging all-reduce
         if cfg.comm_hook == "powersgd":
             from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
