@@ -191,13 +191,7 @@ class DataParallelModel:
                 )
             hook, hook_state = powerSGD_hook, self._powersgd
         elif cfg.comm_hook in ("fp16", "bf16"):
-            name = f"{cfg.comm_hook}_compress_hook"
-            hook = getattr(hooks, name, None)
-            if hook is None:
-                raise NotImplementedError(
-                    f"--comm_hook={cfg.comm_hook} with --ddp_impl=z2all needs "
-                    f"parallel.ddp_comm_hooks.{name}, which this version lacks"
-                )
+            hook = hooks.fp16_compress_hook if cfg.comm_hook == "fp16" else hooks.bf16_compress_hook
         if cfg.overlap_optim_step:
             from parallel.ddp_comm_hooks.optimizer_overlap_hooks import (
                 OptimizerOverlapState,
