@@ -50,6 +50,6 @@ setup(
         "liger": ["liger-kernel"],
         "xformers": ["xformers"],
         "bench": ["transformers>=4.40", "datasets"],
-        "test": ["pytest", "ruff", "transformers>=4.40", "matplotlib"],
+        "test": ["pytest", "ruff", "transformers>=4.40", "matplotlib", "tensorboard"],
     },
 )
