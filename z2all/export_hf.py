@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json
-from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
+from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir, run_model_tool
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +96,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from z2all.training.checkpoint import (
-        CheckpointMismatchError,
-        CorruptCheckpointError,
-        UnsafeCheckpointError,
-    )
-
-    try:
-        main()
-    except (
-        FileNotFoundError,
-        ValueError,
-        CorruptCheckpointError,
-        CheckpointMismatchError,
-        UnsafeCheckpointError,
-    ) as e:
-        sys.exit(f"python -m z2all.export_hf: error: {e}")
+    run_model_tool(main, "python -m z2all.export_hf")

@@ -160,19 +160,6 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    from z2all.training.checkpoint import (
-        CheckpointMismatchError,
-        CorruptCheckpointError,
-        UnsafeCheckpointError,
-    )
+    from z2all.training.model_loading import run_model_tool
 
-    try:
-        main()
-    except (
-        FileNotFoundError,
-        ValueError,
-        CorruptCheckpointError,
-        CheckpointMismatchError,
-        UnsafeCheckpointError,
-    ) as e:
-        sys.exit(f"python -m z2all.sample: error: {e}")
+    run_model_tool(main, "python -m z2all.sample")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from z2all.training.checkpoint_format import (
 )
 from z2all.training.checkpoint_safety import UnsafeCheckpointError
 
-__all__ = ["find_tokenizer_dir", "load_model_from_dir"]
+__all__ = ["find_tokenizer_dir", "load_model_from_dir", "run_model_tool"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +109,20 @@ def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         logger.info("loaded model from %s", ckpt)
         return model.eval(), config
     raise CorruptCheckpointError(f"{path}: no loadable checkpoint: " + "; ".join(problems))
+
+
+def run_model_tool(main: Callable[[], object], prog: str) -> None:
+    """Run a tool's ``main()`` (sample, export_hf); a missing, malformed or unloadable model exits the
+    process with ``<prog>: error: <why>`` instead of a traceback."""
+    from z2all.training.checkpoint import CheckpointMismatchError  # checkpoint imports this module
+
+    try:
+        main()
+    except (
+        FileNotFoundError,
+        ValueError,
+        CorruptCheckpointError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+    ) as e:
+        sys.exit(f"{prog}: error: {e}")
