@@ -26,6 +26,7 @@ from torch import nn
 from z2all.model import kernels
 from z2all.model.cache import KVCache
 from z2all.model.config import KERNEL_OPS, Z2allConfig
+from z2all.model.generation import generate as _generate
 from z2all.model.rope import RotaryTables
 
 logger = logging.getLogger(__name__)
@@ -242,33 +243,8 @@ class Z2allForCausalLM(nn.Module):
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
     # ---- generation and Hugging Face interop live in their own modules -----------------------
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        use_cache: bool = True,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """See ``z2all.model.generation.generate``."""
-        from z2all.model.generation import generate
-
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            use_cache=use_cache,
-            attention_mask=attention_mask,
-            generator=generator,
-        )
+    # model.generate(input_ids, ...) is generation.generate(model, input_ids, ...): same signature
+    generate = _generate
 
     def save_pretrained(self, save_dir: str | Path) -> None:
         """Write config.json + model.safetensors in the transformers Llama layout (atomic)."""
