@@ -15,17 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from z2all.tokenizer.special_tokens import (
-    BOS,
-    CHAT_TEMPLATE,
-    EOS,
-    IM_END,
-    IM_START,
-    NUM_SPECIAL_TOKENS,
-    PAD,
-    SPECIAL_TOKENS,
-    UNK,
-)
+from z2all.tokenizer import special_tokens as st
 
 _SP_SPACE = "\u2581"
 
@@ -121,19 +111,19 @@ class Z2allTokenizer:
         self._fingerprint = fingerprint
         self.vocab_size: int = backend.vocab_size()
         ids = {}
-        for s in (UNK, BOS, EOS, PAD, IM_START, IM_END):
+        for s in (st.UNK, st.BOS, st.EOS, st.PAD, st.IM_START, st.IM_END):
             i = backend.token_to_id(s)
             if i is None:
                 raise ValueError(f"{self.tok_dir}: tokenizer has no special token {s!r}")
             ids[s] = i
-        self.unk_id, self.bos_id, self.eos_id = ids[UNK], ids[BOS], ids[EOS]
-        self.pad_id, self.im_start_id, self.im_end_id = ids[PAD], ids[IM_START], ids[IM_END]
+        self.unk_id, self.bos_id, self.eos_id = ids[st.UNK], ids[st.BOS], ids[st.EOS]
+        self.pad_id, self.im_start_id, self.im_end_id = ids[st.PAD], ids[st.IM_START], ids[st.IM_END]
         # Every special id, z2all's fixed ones plus any extra added tokens of a foreign tokenizer.json.
         self.special_ids: frozenset[int] = frozenset(
-            i for s in SPECIAL_TOKENS if (i := backend.token_to_id(s)) is not None
+            i for s in st.SPECIAL_TOKENS if (i := backend.token_to_id(s)) is not None
         )
         template_file = self.tok_dir / "chat_template.jinja"
-        self.chat_template = template_file.read_text("utf-8") if template_file.is_file() else CHAT_TEMPLATE
+        self.chat_template = template_file.read_text("utf-8") if template_file.is_file() else st.CHAT_TEMPLATE
 
     @classmethod
     def from_pretrained(cls, tok_dir: str | os.PathLike) -> Z2allTokenizer:
@@ -207,7 +197,7 @@ class Z2allTokenizer:
 
     @property
     def num_special_tokens(self) -> int:
-        return NUM_SPECIAL_TOKENS
+        return st.NUM_SPECIAL_TOKENS
 
     def __len__(self) -> int:
         return self.vocab_size
