@@ -31,11 +31,10 @@ from z2all.data.chat import render_chats
 from z2all.data.dpo_formats import dpo_record_to_parts
 from z2all.data.sft_dataset import as_tokenizer, list_sources, split_indices
 from z2all.data.sft_pretok import IGNORE_INDEX, ids_dtype
-from z2all.data.sft_records import BUILD_MEMO, BuildReport, iter_parsed
+from z2all.data.sft_records import BUILD_MEMO, BuildReport, iter_parsed_chunks
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 512  # records per encode_batch call
 SIDES = ("chosen", "rejected")
 
 
@@ -81,13 +80,7 @@ def build_pairs(
             chosens.append(np.asarray(chosen, dtype=dtype))
             rejecteds.append(np.asarray(rejected, dtype=dtype))
 
-    chunk: list[tuple[tuple[list, str, str], str]] = []
-    for item in iter_parsed(source, dpo_record_to_parts, report):
-        chunk.append(item)
-        if len(chunk) == _CHUNK:
-            flush(chunk)
-            chunk = []
-    if chunk:
+    for chunk in iter_parsed_chunks(source, dpo_record_to_parts, report):
         flush(chunk)
     report.n_samples = len(prompts)
     return prompts, chosens, rejecteds, report

@@ -20,9 +20,7 @@ import numpy as np
 from z2all.data.chat import render_chats
 from z2all.data.sft_formats import record_to_messages
 from z2all.data.sft_pretok import SFTShard, ids_dtype
-from z2all.data.sft_records import BuildReport, iter_parsed
-
-_CHUNK = 512  # records per encode_batch call
+from z2all.data.sft_records import BuildReport, iter_parsed_chunks
 
 
 def truncate_sample(
@@ -62,13 +60,7 @@ def build_shard(
             lengths.append(len(ids))
 
     parse = lambda record, where: record_to_messages(record, sft_type, where)
-    chunk: list[tuple[list, str]] = []
-    for item in iter_parsed(path, parse, report):
-        chunk.append(item)
-        if len(chunk) == _CHUNK:
-            flush(chunk)
-            chunk = []
-    if chunk:
+    for chunk in iter_parsed_chunks(path, parse, report):
         flush(chunk)
     report.n_samples = len(lengths)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # (n_samples + 1,)

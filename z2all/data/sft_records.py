@@ -176,3 +176,17 @@ def iter_parsed(
             yield parse(record, where), where
         except ChatFormatError as e:
             report.add_bad(where, str(e).removeprefix(f"{where}: "))
+
+
+def iter_parsed_chunks(
+    path: str | os.PathLike, parse: Callable[[Any, str], T], report: BuildReport, size: int = 512
+) -> Iterator[list[tuple[T, str]]]:
+    """:func:`iter_parsed` in lists of up to ``size`` items (records per ``encode_batch`` call)."""
+    chunk: list[tuple[T, str]] = []
+    for item in iter_parsed(path, parse, report):
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
