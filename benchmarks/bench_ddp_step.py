@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -31,69 +30,19 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import (
+    ResidualMLP,
+    add_backend_args,
+    bench_adamw,
+    free_port,
+    in_memory_train_config,
+    init_rank,
+    random_windows,
+    resolve_backend,
+)
 from torch import nn
 
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: rank r on cuda:r")
-    p.add_argument(
-        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl on cuda, else gloo"
-    )
-
-
-def resolve_backend(p: argparse.ArgumentParser, args) -> None:
-    """Check --device/--backend/--world-size against this machine; sets args.backend to gloo or nccl."""
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            p.error("--device cuda: torch sees no CUDA device")
-        if torch.cuda.device_count() < args.world_size:
-            p.error(
-                f"--device cuda needs one GPU per rank: --world-size {args.world_size} > "
-                f"{torch.cuda.device_count()} visible GPUs"
-            )
-    if args.backend == "auto":
-        args.backend = "nccl" if args.device == "cuda" else "gloo"
-    if args.backend == "nccl" and args.device != "cuda":
-        p.error("--backend nccl needs --device cuda")
-
-
-def init_rank(rank: int, world: int, port: int, args) -> torch.device:
-    """Join the process group as ``rank`` (spawned on one host: local rank == rank); return its device."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    kwargs = {"device_id": device} if args.backend == "nccl" else {}
-    dist.init_process_group(args.backend, rank=rank, world_size=world, **kwargs)
-    return device
-
-
-class ResidualMLP(nn.Module):
-    """``layers`` pre-norm blocks x + W2 gelu(W1 norm(x)); 2*width^2*2 weights per block."""
-
-    def __init__(self, layers: int, width: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
-            )
-            for _ in range(layers)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, width) -> (B, width)
-        for block in self.blocks:
-            x = x + block(x)
-        return x
 
 
 def build_variants(args, base: nn.Module, device: torch.device) -> dict[str, nn.Module]:
@@ -199,15 +148,13 @@ def train_loop_worker(rank: int, world: int, port: int, args, out_root: str) -> 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     try:
         from z2all.model import Z2allForCausalLM, get_preset
-        from z2all.training import TrainConfig, train
+        from z2all.training import train
         from z2all.training.loop import Components
         from z2all.training.tasks import PretrainTask
 
         mcfg = get_preset("tiny")
-        g = torch.Generator().manual_seed(0)
-        n_windows = args.batch * args.accum * args.steps
-        windows = torch.randint(0, mcfg.vocab_size, (n_windows, args.seq + 1), generator=g)
-        data = [(w[:-1], w[1:]) for w in windows]  # identical on every rank; the sampler splits it
+        # identical on every rank; the sampler splits it
+        data = random_windows(mcfg.vocab_size, args.batch * args.accum * args.steps, args.seq)
         impls = ["z2all", "torch"]
         step_s: dict[str, list[float]] = {k: [] for k in impls}
         per_round: dict[str, list[float]] = {k: [] for k in impls}
@@ -215,20 +162,10 @@ def train_loop_worker(rank: int, world: int, port: int, args, out_root: str) -> 
             for impl in impls[r % 2 :] + impls[: r % 2]:
                 torch.manual_seed(0)
                 model = Z2allForCausalLM(mcfg).to(device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-                cfg = TrainConfig(
-                    data_dir="in-memory",
-                    out_dir=os.path.join(out_root, f"round{r}_{impl}"),
-                    max_iters=args.steps,
-                    warmup_iters=1,
-                    learning_rate=1e-3,
-                    min_lr=1e-4,
-                    train_batch_size=args.batch,
-                    gradient_accumulation_steps=args.accum,
-                    max_seq_len=args.seq,
-                    eval_interval=0,
-                    log_interval=10**6,
-                    save_interval=0,
+                opt = bench_adamw(model)
+                cfg = in_memory_train_config(
+                    os.path.join(out_root, f"round{r}_{impl}"),
+                    args,
                     device=args.device,
                     backend=args.backend,
                     ddp_impl=impl,

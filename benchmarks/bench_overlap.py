@@ -28,78 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
+from _common import ResidualMLP, add_backend_args, free_port, init_rank, resolve_backend
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: rank r on cuda:r")
-    p.add_argument(
-        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl on cuda, else gloo"
-    )
-
-
-def resolve_backend(p: argparse.ArgumentParser, args) -> None:
-    """Check --device/--backend/--world-size against this machine; sets args.backend to gloo or nccl."""
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            p.error("--device cuda: torch sees no CUDA device")
-        if torch.cuda.device_count() < args.world_size:
-            p.error(
-                f"--device cuda needs one GPU per rank: --world-size {args.world_size} > "
-                f"{torch.cuda.device_count()} visible GPUs"
-            )
-    if args.backend == "auto":
-        args.backend = "nccl" if args.device == "cuda" else "gloo"
-    if args.backend == "nccl" and args.device != "cuda":
-        p.error("--backend nccl needs --device cuda")
-
-
-def init_rank(rank: int, world: int, port: int, args) -> torch.device:
-    """Join the process group as ``rank`` (spawned on one host: local rank == rank); return its device."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    kwargs = {"device_id": device} if args.backend == "nccl" else {}
-    dist.init_process_group(args.backend, rank=rank, world_size=world, **kwargs)
-    return device
-
-
-class ResidualMLP(nn.Module):
-    """``layers`` pre-norm blocks x + W2 gelu(W1 norm(x)) (the model of bench_ddp_step.py)."""
-
-    def __init__(self, layers: int, width: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
-            )
-            for _ in range(layers)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, width) -> (B, width)
-        for block in self.blocks:
-            x = x + block(x)
-        return x
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import bench_adamw, in_memory_train_config, random_windows
 
 
 def main() -> None:
@@ -41,7 +42,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from z2all.model import Z2allForCausalLM, get_preset
-    from z2all.training.config import TrainConfig
     from z2all.training.loop import Components, train
     from z2all.training.metrics import read_metrics
     from z2all.training.tasks import PretrainTask
@@ -55,15 +55,12 @@ def main() -> None:
         intermediate_size=args.hidden * 8 // 3 // 64 * 64 or 64,
         max_position_embeddings=max(512, args.seq),
     )
-    g = torch.Generator().manual_seed(0)
-    n = args.batch * args.accum * (args.steps + 1)
-    windows = torch.randint(0, args.vocab, (n, args.seq + 1), generator=g)
-    data = [(w[:-1], w[1:]) for w in windows]
+    data = random_windows(args.vocab, args.batch * args.accum * (args.steps + 1), args.seq)
 
     def fresh():
         torch.manual_seed(0)
         model = Z2allForCausalLM(mcfg)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        return model, bench_adamw(model)
 
     def run_bare() -> list[float]:
         model, opt = fresh()
@@ -86,21 +83,7 @@ def main() -> None:
     def run_loop() -> tuple[list[float], float]:
         model, opt = fresh()
         with tempfile.TemporaryDirectory() as out:
-            cfg = TrainConfig(
-                data_dir="in-memory",
-                out_dir=out,
-                max_iters=args.steps,
-                warmup_iters=1,
-                learning_rate=1e-3,
-                min_lr=1e-4,
-                train_batch_size=args.batch,
-                gradient_accumulation_steps=args.accum,
-                max_seq_len=args.seq,
-                eval_interval=0,
-                log_interval=10**6,
-                save_interval=0,
-                grad_clip=1.0,
-            )
+            cfg = in_memory_train_config(out, args, grad_clip=1.0)
             t0 = time.perf_counter()
             train(cfg, Components(model=model, optimizer=opt, task=PretrainTask(), train_data=data))
             wall = time.perf_counter() - t0
