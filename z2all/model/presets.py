@@ -15,53 +15,24 @@ from __future__ import annotations
 
 from z2all.model.config import Z2allConfig
 
-_PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    ),
-    "small": dict(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-    ),
-    "100m": dict(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=1024,
-    ),
-    "1b": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=2048,
-    ),
-    "1.7b": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=2048,
-    ),
+# Columns in the order of the table above.
+_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "vocab_size",
+)
+_ROWS: dict[str, tuple[int, ...]] = {
+    "tiny": (128, 2, 4, 2, 352, 512, 512),
+    "small": (512, 8, 8, 8, 1408, 1024, 32000),
+    "100m": (768, 12, 12, 12, 2048, 1024, 32000),
+    "1b": (2048, 16, 16, 16, 5632, 2048, 32000),
+    "1.7b": (2048, 24, 16, 16, 8192, 2048, 32000),
 }
+_PRESETS: dict[str, dict] = {name: dict(zip(_FIELDS, row, strict=True)) for name, row in _ROWS.items()}
 
 
 def list_presets() -> list[str]:
