@@ -36,6 +36,16 @@ def _restore_global_state():
         torch.distributed.destroy_process_group()
 
 
+@pytest.fixture
+def z2all_log(caplog):
+    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
+    logger = logging.getLogger("z2all")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="z2all")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real corpora); tests that take this fixture skip when it is absent."""

@@ -4,7 +4,6 @@ tokens on both sides, drop and bad-record reports, the split, and dpo_collate pa
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from z2all.data.chat import render_chat
 from z2all.data.dpo_dataset import DPODataset, dpo_collate, truncate_pair
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-@pytest.fixture
-def z2all_log(caplog):
-    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
-    logger = logging.getLogger("z2all")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="z2all")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def write_jsonl(path, records):

@@ -4,7 +4,6 @@ the train/valid split and sft_collate padding."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -15,16 +14,6 @@ from z2all.data.sft_dataset import SFTDataset, sft_collate, split_indices
 from z2all.data.sft_records import BuildMemo
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-@pytest.fixture
-def z2all_log(caplog):
-    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
-    logger = logging.getLogger("z2all")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="z2all")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def chatml(messages) -> str:

@@ -4,7 +4,6 @@ the cache_dir path, and refusal of incomplete sets."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 
@@ -15,27 +14,6 @@ import torch
 from data_preprocess.pretokenize_sft_data import main as pretokenize_main
 from z2all.data.sft_dataset import SFTDataset
 from z2all.data.sft_pretok import ids_dtype, sft_paths
-
-
-@pytest.fixture(autouse=True)
-def _restore_loggers():
-    """The CLI calls ``setup_logging``, which replaces handlers and stops propagation: undo it after."""
-    names = ("z2all", "parallel", "optimizer", "data_preprocess", "__main__")
-    saved = {n: (lg.handlers[:], lg.level, lg.propagate) for n in names for lg in [logging.getLogger(n)]}
-    yield
-    for name, (handlers, level, propagate) in saved.items():
-        lg = logging.getLogger(name)
-        lg.handlers, lg.level, lg.propagate = handlers, level, propagate
-
-
-@pytest.fixture
-def z2all_log(caplog):
-    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
-    logger = logging.getLogger("z2all")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="z2all")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def assert_same_items(a: SFTDataset, b: SFTDataset) -> None:

@@ -10,16 +10,6 @@ from transformers import LlamaConfig
 from z2all.model import Z2allConfig
 
 
-@pytest.fixture
-def z2all_log(caplog):
-    """caplog that sees the ``z2all`` logger even after an entry point's ``setup_logging`` cut propagation."""
-    logger = logging.getLogger("z2all")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="z2all")
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def hf_dict(**extra) -> dict:
     """A config.json as transformers writes it for a small Llama (plus ``extra`` keys)."""
     cfg = LlamaConfig(
