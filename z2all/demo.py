@@ -155,38 +155,36 @@ def main(argv: list[str] | None = None) -> None:
             "--max_seq_len=256",
         ]
     )
+
+    def train(config: str, *flags: str) -> None:
+        _run(
+            [
+                py,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={args.nproc}",
+                str(train_script),
+                str(REPO_ROOT / "configs" / config),
+                f"--tokenizer_dir={tok}",
+                *flags,
+            ]
+        )
+
     log.info("[4/6] pretraining the tiny model on %d CPU processes", args.nproc)
-    _run(
-        [
-            py,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.nproc}",
-            str(train_script),
-            str(REPO_ROOT / "configs" / "demo_pretrain.json"),
-            f"--data_dir={out / 'pretok'}",
-            f"--tokenizer_dir={tok}",
-            f"--out_dir={runs / 'pretrain'}",
-            f"--max_iters={args.pretrain_iters}",
-        ]
+    train(
+        "demo_pretrain.json",
+        f"--data_dir={out / 'pretok'}",
+        f"--out_dir={runs / 'pretrain'}",
+        f"--max_iters={args.pretrain_iters}",
     )
     log.info("[5/6] supervised fine-tuning on the docstring dialogues")
-    _run(
-        [
-            py,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.nproc}",
-            str(train_script),
-            str(REPO_ROOT / "configs" / "demo_sft.json"),
-            f"--data_dir={data / 'sft'}",
-            f"--tokenizer_dir={tok}",
-            f"--init_from={runs / 'pretrain'}",
-            f"--out_dir={runs / 'sft'}",
-            f"--max_iters={args.sft_iters}",
-        ]
+    train(
+        "demo_sft.json",
+        f"--data_dir={data / 'sft'}",
+        f"--init_from={runs / 'pretrain'}",
+        f"--out_dir={runs / 'sft'}",
+        f"--max_iters={args.sft_iters}",
     )
     log.info("[6/6] sampling from the chat model")
     _run(
