@@ -126,11 +126,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return param_groups_of(list(model.parameters()), weight_decay)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _adamw(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     from optimizer import build_adamw
 
     return build_adamw(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.adam_eps,
@@ -139,20 +139,15 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     )
 
 
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return _adamw(cfg, param_groups(model, cfg.weight_decay))
+
+
 def bucket_optimizer_factory(cfg: TrainConfig):
     """--overlap_optim_step: the optimizer of one DDP bucket, with the same groups and hyper-parameters."""
-    from optimizer import build_adamw
 
     def make(named_params):
-        params = [p for _, p in named_params]
-        return build_adamw(
-            param_groups_of(params, cfg.weight_decay),
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-            backend=cfg.optimizer_backend,
-        )
+        return _adamw(cfg, param_groups_of([p for _, p in named_params], cfg.weight_decay))
 
     return make
 
