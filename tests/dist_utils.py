@@ -39,8 +39,14 @@ def _worker(rank, fn, world_size, port, result_dir, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(result_dir) / f"rank{rank}.pt")
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Success: leave without tearing down. torch's own PowerSGD hook (used as a reference) can abort a
+    # process while its gloo callback threads are torn down ("Resource deadlock avoided"), after all
+    # results are written; a throwaway rank gains nothing from an orderly interpreter exit.
+    os._exit(0)
 
 
 def run_distributed(fn, world_size: int, *args) -> list:
