@@ -4,19 +4,30 @@ Data flow of one iteration (design page with the full picture: ``docs/ddp.md``):
 
     backward: AccumulateGrad(p): p.grad += g in place, p.grad being the p.main_grad view (same dtype;
               otherwise a fresh p.grad that the post-accumulate hook adds into main_grad and frees)
-              -> post-accumulate hook marks p ready in its bucket
+              -> post-accumulate hook marks p used and ready in its bucket
               bucket complete?  -> launch every complete bucket from ``_next_bucket`` on, in index
                                    order: hook(state, GradBucket) -> Future (async collective)
-    finish_grad_sync(): launch the rest in index order, wait all Futures, p.grad = averaged grad
+    finish_grad_sync(): launch the rest in index order, then the used-parameter flags (one small
+              all-reduce, MAX); wait all Futures; p.grad = averaged grad, or None for a parameter
+              that got no gradient on ANY rank (as torch DDP with find_unused_parameters=True)
     optimizer.step(); zero_grad_buffer()
 
 THE ordering invariant (why there is no hang and no corruption with gloo or NCCL): on every rank,
 collectives are issued in strictly increasing global bucket index, each bucket exactly once per
-iteration. Launched buckets always form a prefix ``[0, _next_bucket)``. A bucket whose gradients
-arrive early (out-of-order backward) waits until all lower buckets are complete; a bucket holding a
-parameter that got no gradient this step (unused) never completes during backward, so it and all
-later buckets are launched by ``finish_grad_sync()``, again in index order. Which buckets overlap
-with backward may thus differ between ranks, but the SEQUENCE of collectives never does.
+iteration, followed by exactly one used-flags all-reduce. Launched buckets always form a prefix
+``[0, _next_bucket)``. A bucket whose gradients arrive early (out-of-order backward) waits until all
+lower buckets are complete; a bucket holding a parameter that got no gradient this step (unused)
+never completes during backward, so it and all later buckets are launched by ``finish_grad_sync()``,
+again in index order. Which buckets overlap with backward may thus differ between ranks, but the
+SEQUENCE of collectives never does.
+
+Global bucket index = expected readiness. Backward produces gradients roughly in reverse
+registration order, so a bucket is expected ready when its earliest-registered parameter is. With
+several buffers (parameters of several dtypes, e.g. fp32 norms beside bf16 linears) the buckets of
+all buffers are numbered by that expectation, interleaving the buffers, so each can launch while
+backward still runs; numbering buffer after buffer would make every bucket of the second buffer
+wait for the last bucket of the first, i.e. for the end of backward. The numbering is a pure
+function of the module's parameters, hence the same on every rank.
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ class DistributedDataParallel(nn.Module):
             p: _strip_compile_prefix(n) for n, p in module.named_parameters()
         }
         params = [p for p in self.param_to_name if p.requires_grad]  # registration order
+        if not params:
+            raise ValueError("DistributedDataParallel: the module has no trainable parameters")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(
@@ -89,22 +102,33 @@ class DistributedDataParallel(nn.Module):
         for p in params:
             grad_dtype = torch.float32 if config.grad_reduce_in_fp32 else p.dtype
             groups.setdefault((p.dtype, grad_dtype), []).append(p)
+        # The small first bucket goes to the buffer holding the last registered parameter: its
+        # gradient is expected first in backward.
+        first_group = next(k for k, g in groups.items() if any(p is params[-1] for p in g))
         self.param_and_grad_buffers: list[ParamAndGradBuffer] = []
-        self.buckets: list[_Bucket] = []  # global order = collective order
-        for (param_dtype, grad_dtype), group_params in groups.items():
-            buf = ParamAndGradBuffer(
-                group_params,
-                param_dtype,
-                grad_dtype,
-                data_parallel_size=self.dp_size,
-                bucket_size=config.bucket_size,
-                # Only the very first bucket of the whole model is the small one.
-                first_bucket_size=config.first_bucket_size if not self.buckets else config.bucket_size,
-                alignment=config.bucket_alignment,
-                first_bucket_index=len(self.buckets),
+        for key, group_params in groups.items():
+            self.param_and_grad_buffers.append(
+                ParamAndGradBuffer(
+                    group_params,
+                    key[0],
+                    key[1],
+                    data_parallel_size=self.dp_size,
+                    bucket_size=config.bucket_size,
+                    first_bucket_size=config.first_bucket_size if key == first_group else config.bucket_size,
+                    alignment=config.bucket_alignment,
+                    first_bucket_index=0,
+                )
             )
-            self.param_and_grad_buffers.append(buf)
-            self.buckets.extend(buf.buckets)
+        # Global collective order = expected readiness (module docstring): a bucket is ready once its
+        # earliest-registered parameter's gradient arrived, expected at position len - 1 - reg_index.
+        reg_index = {p: i for i, p in enumerate(params)}
+        self.buckets: list[_Bucket] = sorted(
+            (b for buf in self.param_and_grad_buffers for b in buf.buckets),
+            key=lambda b: -min(reg_index[p] for p in b.params),
+        )
+        for i, b in enumerate(self.buckets):
+            b.index = i
+        self._params = params  # registration order: the order of the used-flags vector
         self._param_to_bucket: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._grad_buckets = [
             GradBucket(
@@ -128,9 +152,13 @@ class DistributedDataParallel(nn.Module):
         self._futures: list[torch.futures.Future | None] = [None] * len(self.buckets)
         self._next_bucket = 0  # buckets [0, _next_bucket) have been launched this iteration
         self._grads_synced = False  # finish_grad_sync() ran; main grads hold averages
-        self._local_nonfinite: list[str] = []
+        self._locally_used: set[nn.Parameter] = set()  # got a gradient on this rank (any micro-step)
+        self._local_finite: list[torch.Tensor] = []  # check_for_nan_in_grad: per launched bucket, on device
         self._sync_enabled = True  # False inside no_sync()
         self._backward_seen = False
+        self.unused_params: list[nn.Parameter] = []
+        """After ``finish_grad_sync()``: parameters no rank produced a gradient for this iteration
+        (their ``.grad`` is None, so an optimizer leaves them, weight decay and momentum included)."""
 
         self._grad_is_view: set[nn.Parameter] = set()
         self._attach_grad_views()
@@ -158,14 +186,15 @@ class DistributedDataParallel(nn.Module):
         if param.grad is None:
             return
         self._backward_seen = True
-        name = self.param_to_name[param]
         if self._grads_synced:
+            name = self.param_to_name[param]
             raise RuntimeError(
                 f"gradient of '{name}' arrived after finish_grad_sync(): call ddp.zero_grad_buffer() "
                 "after optimizer.step() and before the next backward"
             )
         bucket = self._param_to_bucket[param]
         if self._futures[bucket.index] is not None:
+            name = self.param_to_name[param]
             raise RuntimeError(
                 f"gradient of '{name}' arrived after its bucket {bucket.index} was already launched this "
                 "iteration (a second backward outside no_sync()?). Wrap all but the last micro-step "
@@ -178,6 +207,7 @@ class DistributedDataParallel(nn.Module):
             # main_grad (the view we made param.grad), as torch DDP's gradient_as_bucket_view does.
             main_grad.add_(param.grad)  # fp32 main_grad += bf16 grad upcasts exactly
             param.grad = main_grad if param in self._grad_is_view else None
+        self._locally_used.add(param)
         if not self._sync_enabled:
             return
         bucket.params_ready.add(param)
@@ -195,7 +225,8 @@ class DistributedDataParallel(nn.Module):
         gb = self._grad_buckets[bucket.index]
         gb._reset()
         if self.config.check_for_nan_in_grad:
-            self._record_nonfinite(bucket, self._local_nonfinite)
+            # A device tensor, read once in finish_grad_sync(): no host sync inside backward.
+            self._local_finite.append(torch.isfinite(bucket.grad_data).all())
         if self._sets_grad and bucket.grad_data.dtype == bucket.param_data.dtype:
             # Same dtype: .grad becomes the main_grad view now, so a hook's fut.then() callback (e.g.
             # an optimizer step per bucket) already sees the in-place reduced gradient in p.grad.
@@ -250,13 +281,20 @@ class DistributedDataParallel(nn.Module):
         while self._next_bucket < len(self.buckets):
             self._launch(self.buckets[self._next_bucket])
 
-    def finish_grad_sync(self) -> None:
+    def finish_grad_sync(self, *, allow_nonfinite: bool = False) -> None:
         """Wait for all bucket collectives; afterwards every ``param.grad`` holds the averaged gradient.
 
         For same-dtype grads ``param.grad`` is a view into the grad buffer; for bf16/fp16 params with
-        fp32 grads it is a copy in the param dtype (``param.main_grad`` keeps the fp32 value). With
-        ``use_distributed_optimizer`` (default hook) only each bucket's local shard of ``main_grad``
-        is valid and ``param.grad`` is left unset. Calling it twice in one iteration is a no-op.
+        fp32 grads it is a copy in the param dtype (``param.main_grad`` keeps the fp32 value). A
+        parameter that got no gradient on any rank this iteration gets ``param.grad = None`` (listed in
+        ``unused_params``), so the optimizer does not move it. With ``use_distributed_optimizer``
+        (default hook) only each bucket's local shard of ``main_grad`` is valid and ``param.grad`` is
+        left unset. Calling it twice in one iteration is a no-op.
+
+        ``check_for_nan_in_grad`` checks once, here, after every collective completed (one host sync),
+        and raises RuntimeError naming the rank and parameters. ``allow_nonfinite=True`` skips that
+        check: pass it when a dynamic loss scaler inspects the gradients next and skips the step on an
+        overflow, which is then routine and not an error.
         """
         if self._grads_synced:
             return
@@ -272,13 +310,30 @@ class DistributedDataParallel(nn.Module):
                 )
             if value.data_ptr() != bucket.grad_data.data_ptr():
                 bucket.grad_data.copy_(value)
+        # After every bucket has COMPLETED (not merely launched): the same position on every rank even
+        # for a hook that issues collectives from Future callbacks (torch's powerSGD_hook does).
+        self.unused_params = self._sync_unused_params()
         self._grads_synced = True
-        if self.config.check_for_nan_in_grad:
+        if self.config.check_for_nan_in_grad and not allow_nonfinite:
             self._raise_if_nonfinite()
         if self._sets_grad:
             for bucket in self.buckets:
                 for p in bucket.params:
                     p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
+            for p in self.unused_params:
+                p.grad = None
+
+    def _sync_unused_params(self) -> list[nn.Parameter]:
+        """All-reduce (MAX) one byte per parameter, 1 if it got a gradient on this rank this iteration;
+        return the parameters that got none on any rank."""
+        device = self.buckets[0].grad_data.device
+        flags = torch.tensor(
+            [p in self._locally_used for p in self._params], dtype=torch.uint8, device=device
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)  # NCCL: no host sync
+        if len(self._locally_used) == len(self._params):
+            return []  # all used here, so used somewhere: the flags need not be read (no host sync)
+        return [p for p, used in zip(self._params, flags.tolist(), strict=True) if not used]
 
     def zero_grad_buffer(self) -> None:
         """Zero every main grad and reset per-iteration bucket state.
@@ -295,7 +350,9 @@ class DistributedDataParallel(nn.Module):
         self._futures = [None] * len(self.buckets)
         self._next_bucket = 0
         self._grads_synced = False
-        self._local_nonfinite = []
+        self._locally_used = set()
+        self._local_finite = []
+        self.unused_params = []
 
     def register_comm_hook(self, state: object, hook: CommHook) -> None:
         """Replace the per-bucket collective by ``hook(state, bucket) -> Future[Tensor]`` (see bucket.py)."""
@@ -330,25 +387,32 @@ class DistributedDataParallel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict)
 
     # --- NaN/Inf detection ----------------------------------------------------------------------
-    def _record_nonfinite(self, bucket: _Bucket, out: list[str]) -> None:
-        if bool(torch.isfinite(bucket.grad_data).all()):
-            return
-        out.extend(
-            self.param_to_name[p] for p in bucket.params if not bool(torch.isfinite(p.main_grad).all())
-        )
-
     def _raise_if_nonfinite(self) -> None:
-        """Called after all collectives completed on every rank, so raising here cannot hang a peer."""
-        if self._local_nonfinite:
+        """Called after all collectives completed on every rank, so raising here cannot hang a peer.
+
+        One host sync reads the per-bucket flags recorded at launch (this rank's local gradients) and
+        those of the reduced buckets; parameter names are looked up only when something is wrong.
+        """
+        n = len(self._local_finite)
+        reduced = [torch.isfinite(b.grad_data).all() for b in self.buckets]
+        flags = torch.stack(self._local_finite + reduced).tolist()
+        if all(flags):
+            return
+        names = [
+            self.param_to_name[p]
+            for b, ok in zip(self.buckets, flags[n:], strict=True)
+            if not ok
+            for p in b.params
+            if not bool(torch.isfinite(p.main_grad).all())
+        ]
+        local_bad = [b.index for b, ok in zip(self.buckets, flags[:n], strict=True) if not ok]
+        if local_bad:
             raise RuntimeError(
                 f"non-finite (NaN/Inf) gradient on rank {self.global_rank} (data-parallel rank "
-                f"{self.dp_rank}) before reduction, in parameter(s): {', '.join(self._local_nonfinite)}"
+                f"{self.dp_rank}) before reduction, in bucket(s) {local_bad}; non-finite after reduction "
+                f"in parameter(s): {', '.join(names)}"
             )
-        reduced: list[str] = []
-        for bucket in self.buckets:
-            self._record_nonfinite(bucket, reduced)
-        if reduced:
-            raise RuntimeError(
-                f"non-finite (NaN/Inf) gradient after reduction on rank {self.global_rank}, in parameter(s): "
-                f"{', '.join(reduced)}; it came from another rank, whose error names it"
-            )
+        raise RuntimeError(
+            f"non-finite (NaN/Inf) gradient after reduction on rank {self.global_rank}, in parameter(s): "
+            f"{', '.join(names)}; it came from another rank, whose error names it"
+        )

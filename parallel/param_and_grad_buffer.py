@@ -13,7 +13,13 @@ Layout invariants (tested in tests/parallel/test_buffers.py):
     multiple of ``lcm(data-parallel size, alignment)``, so shard r of bucket b, the r-th 1/W
     slice ``[start + r*L/W, start + (r+1)*L/W)``, is equal-sized and aligned on every rank;
   * padding elements are never a view of any parameter and stay zero in both buffers;
-  * bucket 0 is closed at ``first_bucket_size`` elements, later ones at ``bucket_size``.
+  * the buffer's first bucket is closed at ``first_bucket_size`` elements, later ones at
+    ``bucket_size`` (a parameter is never split, so a bucket whose first parameter alone exceeds the
+    cap, e.g. an untied ``lm_head``, is exactly that parameter).
+
+Bucket ``index`` is the bucket's place in the DDP's global collective order; the buffer numbers its
+buckets ``first_bucket_index, first_bucket_index + 1, ...`` and a DDP with several buffers re-numbers
+them by expected gradient readiness (``DistributedDataParallel`` docstring).
 """
 
 from __future__ import annotations
@@ -136,6 +142,3 @@ class ParamAndGradBuffer:
     def reset(self) -> None:
         for b in self.buckets:
             b.params_ready.clear()
-
-    def bucket_of(self, param: torch.nn.Parameter) -> _Bucket:
-        return self.buckets[self.param_index_map[param][2]]

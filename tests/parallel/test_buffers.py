@@ -95,32 +95,48 @@ def world_of_one():
 class _Mixed(nn.Module):
     def __init__(self):
         super().__init__()
+        self.lowp = nn.Linear(8, 8).to(torch.bfloat16)  # registered first: its gradient comes last
         self.a = nn.Linear(512, 512)  # 262_656 params
         self.b = nn.Linear(512, 512)
         self.frozen = nn.Linear(4, 4).requires_grad_(False)
         self.c = nn.Linear(512, 512)
-        self.half = nn.Linear(8, 8).to(torch.bfloat16)
 
 
 def test_ddp_first_bucket_is_small_and_frozen_params_are_left_out(world_of_one):
     model = _Mixed()
     ddp = DistributedDataParallel(DistributedDataParallelConfig(bucket_size=600_000), model)
-    # Two buffers: fp32 then bf16, bucket ids global and consecutive.
+    # Two buffers in order of first appearance: bf16 then fp32.
     assert [(b.param_dtype, b.grad_dtype) for b in ddp.param_and_grad_buffers] == [
-        (torch.float32, torch.float32),
         (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
     ]
     assert [b.index for b in ddp.buckets] == list(range(len(ddp.buckets)))
+    # Global order = expected readiness across buffers: the bf16 buffer's only bucket holds the
+    # first-registered parameters, so it is expected last and comes last, after both fp32 buckets.
     # Bucket 0 (filled first in backward: c.bias, c.weight) closes at ~1 MiB of fp32 (262_144 el).
     first = ddp.buckets[0]
     assert first.params == [model.c.bias, model.c.weight]
     assert 262_144 <= first.numel_unpadded < 262_144 + 512 * 512
     assert ddp.buckets[1].params == [model.b.bias, model.b.weight, model.a.bias, model.a.weight]
+    assert ddp.buckets[2].params == [model.lowp.bias, model.lowp.weight]
     # Frozen parameters are in no buffer and keep their own storage.
     in_buffers = {p for b in ddp.buckets for p in b.params}
     assert not any(p in in_buffers for p in model.frozen.parameters())
     assert not hasattr(model.frozen.weight, "main_grad")
     assert len(in_buffers) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_first_bucket_cap_goes_to_the_buffer_whose_gradient_comes_first(world_of_one):
+    """The last registered parameter is bf16: the small first bucket is the bf16 buffer's."""
+    model = _Mixed()
+    model.tail = nn.Linear(512, 512).to(torch.bfloat16)
+    ddp = DistributedDataParallel(DistributedDataParallelConfig(bucket_size=600_000), model)
+    assert ddp.buckets[0].params == [model.tail.bias, model.tail.weight]  # alone: it exceeds the cap
+    # The fp32 buffer's first bucket now closes at bucket_size (600_000): c, b, then a crosses it.
+    fp32 = [model.c.bias, model.c.weight, model.b.bias, model.b.weight, model.a.bias, model.a.weight]
+    assert ddp.buckets[1].params == fp32
+    assert ddp.buckets[2].params == [model.lowp.bias, model.lowp.weight]  # bf16 again, expected last
+    assert len(ddp.buckets) == 3
 
 
 def test_config_validation():

@@ -65,7 +65,8 @@ def run_pair(
     """Train the same model with torch DDP and with ours (SGD); return per-step grad errors.
 
     Returns a list over steps of ``max_p |g_ours - g_ref|_max / max(|g_ref|_max, 1e-12)``, comparing
-    ``param.grad`` after ``finish_grad_sync()`` with torch DDP's ``param.grad`` (None read as 0).
+    ``param.grad`` after ``finish_grad_sync()`` with torch DDP's ``param.grad`` (both must be None for
+    a parameter unused on every rank, or neither).
     Ours follows the documented protocol (``zero_grad_buffer()`` only: backward accumulates into the
     ``.grad`` = ``main_grad`` views); ``user_set_to_none`` also calls ``optimizer.zero_grad()`` on it, so
     backward makes fresh ``.grad`` tensors that the hook must fold into the buffer.
@@ -105,12 +106,15 @@ def run_pair(
             launched.clear()
         err = 0.0
         for p, q in zip(base.parameters(), ref_model.parameters(), strict=True):
-            if p.grad is None:  # never raise on one rank only: record an infinite error instead
+            if (p.grad is None) != (q.grad is None):
+                # A parameter unused on every rank has .grad None in both; None in one only is an
+                # error (recorded as infinite: never raise on one rank only).
                 errors.append(float("inf"))
                 continue
-            g_ref = q.grad if q.grad is not None else torch.zeros_like(q)
-            scale = max(g_ref.abs().max().item(), 1e-12)
-            err = max(err, (p.grad.double() - g_ref.double()).abs().max().item() / scale)
+            if p.grad is None:
+                continue
+            scale = max(q.grad.abs().max().item(), 1e-12)
+            err = max(err, (p.grad.double() - q.grad.double()).abs().max().item() / scale)
         errors.append(err)
         opt_ref.step()
         opt_ours.step()
@@ -165,6 +169,129 @@ def _unused_and_out_of_order(rank, world_size):
     return out
 
 
+def _adamw_three_ways(rank, world_size, per_rank_order, unused: bool, steps=4):
+    """AdamW(weight_decay=0.1) for ``steps`` steps: ours, torch DDP (find_unused_parameters) and one
+    process that computes the world's mean loss itself. Returns the final parameters of each (flat)
+    and which of ours were unused on every rank at the last step."""
+    torch.manual_seed(0)
+    base = TinyNet(order=per_rank_order[rank], unused=unused)
+    ref_model, single = copy.deepcopy(base), copy.deepcopy(base)
+    initial = [p.detach().clone() for p in base.parameters()]
+    ref = nn.parallel.DistributedDataParallel(ref_model, find_unused_parameters=True)
+    ours = DistributedDataParallel(DistributedDataParallelConfig(**SMALL_BUCKETS), base)
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+    opts = [adamw(ref.parameters()), adamw(ours.parameters()), adamw(single.parameters())]
+    all_data = [batches(r, steps, 1) for r in range(world_size)]
+    for step in range(steps):
+        x, y = all_data[rank][step][0]
+        for model in (ref, ours):
+            nn.functional.mse_loss(model(x), y).backward()
+        ours.finish_grad_sync()
+        # The single process: mean over ranks of each rank's loss, with that rank's forward order.
+        total = 0.0
+        for r in range(world_size):
+            single.order = tuple(per_rank_order[r])
+            xr, yr = all_data[r][step][0]
+            total = total + nn.functional.mse_loss(single(xr), yr) / world_size
+        total.backward()
+        unused_now = [i for i, p in enumerate(base.parameters()) if p.grad is None]
+        single_unused = [i for i, p in enumerate(single.parameters()) if p.grad is None]
+        for opt in opts:
+            opt.step()
+        ref.zero_grad(set_to_none=True)
+        opts[2].zero_grad(set_to_none=True)
+        ours.zero_grad_buffer()
+    flat = lambda m: [p.detach().clone() for p in m.parameters()]  # noqa: E731
+    return {
+        "ours": flat(base),
+        "torch": flat(ref_model),
+        "single": flat(single),
+        "initial": initial,
+        "unused_idx": unused_now,
+        "single_unused_idx": single_unused,
+    }
+
+
+def _adamw_unused(rank, world_size):
+    return {
+        # The `unused` layer takes part in no forward on any rank.
+        "unused everywhere": _adamw_three_ways(rank, world_size, [(0, 1, 2), (0, 1, 2)], unused=True),
+        # Block 1 runs on rank 0 only: it must get rank 0's gradient / 2 and move like the others.
+        "block 1 on rank 0 only": _adamw_three_ways(rank, world_size, [(0, 1, 2), (0, 2)], unused=False),
+    }
+
+
+class _MixedBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d).double()  # registered before the linear, as a pre-norm block's
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, d) fp32
+        return h + self.linear(self.norm(h.double()).float())
+
+
+class MixedNet(nn.Module):
+    """Pre-norm blocks with fp64 norms beside fp32 linears (two buffers; the fp64 one appears first).
+    Numbering buckets buffer after buffer would put every fp32 bucket behind the first block's norm,
+    whose gradient comes at the end of backward."""
+
+    def __init__(self, d: int = 16, n: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(_MixedBlock(d) for _ in range(n))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, d) fp32 -> (B, 4)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _mixed_dtype_order(rank, world_size):
+    """Record, for each bucket launch, how many gradients had arrived; compare grads with torch DDP."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    ref = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+    arrivals: list[nn.Parameter] = []
+    for p in model.parameters():  # registered before the DDP's hooks, so it runs first
+        p.register_post_accumulate_grad_hook(arrivals.append)
+    ours = DistributedDataParallel(DistributedDataParallelConfig(bucket_size=30, first_bucket_size=30), model)
+    launched_at: dict[int, int] = {}
+    launch = ours._launch
+    ours._launch = lambda b: (launched_at.setdefault(b.index, len(arrivals)), launch(b))[1]
+    out = {"steps": []}
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x, y = torch.randn(6, 16, generator=g), torch.randn(6, 4, generator=g)
+        for m in (ref, ours):
+            nn.functional.mse_loss(m(x), y).backward()
+        in_backward = dict(launched_at)
+        ours.finish_grad_sync()
+        pos = {id(p): i for i, p in enumerate(arrivals)}
+        # A bucket is complete once its last gradient arrived: position max(pos) + 1.
+        complete_at = {b.index: 1 + max(pos[id(p)] for p in b.params) for b in ours.buckets}
+        err = max(
+            ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+            for p, q in zip(model.parameters(), ref.module.parameters(), strict=True)
+        )
+        out["steps"].append(
+            {
+                "launched_at": in_backward,
+                "complete_at": complete_at,
+                "err": err,
+                "buffers": len(ours.param_and_grad_buffers),
+            }
+        )
+        ours.zero_grad_buffer()
+        ref.zero_grad(set_to_none=True)
+        arrivals.clear()
+        launched_at.clear()
+    return out
+
+
 def _guarded(fn, rank, world_size):
     """Run one scenario; an exception becomes {"error": traceback} so the other scenarios still report.
 
@@ -198,7 +325,12 @@ def scenario(results, name):
 
 @pytest.fixture(scope="module")
 def results():
-    return run_distributed(run_scenarios, 2, __name__, ["_equivalence_grid", "_unused_and_out_of_order"])
+    return run_distributed(
+        run_scenarios,
+        2,
+        __name__,
+        ["_equivalence_grid", "_unused_and_out_of_order", "_adamw_unused", "_mixed_dtype_order"],
+    )
 
 
 def _check(per_rank, tol=1e-6):
@@ -229,3 +361,38 @@ def test_out_of_order_grads_still_overlap(results):
             assert during == in_order and total == in_order, (during, total)
         for during, total in rank_result["launches: order=(2,0,1),overlap=False"]:
             assert during == () and total == in_order, (during, total)
+
+
+def test_unused_parameters_do_not_move_with_adamw_weight_decay(results):
+    """A parameter no rank used gets .grad None, so AdamW (weight decay, momentum) leaves it bit-exact,
+    as torch DDP (find_unused_parameters=True) and one process do; a parameter used on one rank only
+    is updated from that rank's gradient like in both references."""
+    for rank_result in scenario(results, "_adamw_unused"):
+        everywhere = rank_result["unused everywhere"]
+        n = len(everywhere["ours"])
+        unused = [n - 6, n - 5]  # TinyNet(unused=True): unused.weight, unused.bias (before norm, head)
+        assert everywhere["unused_idx"] == unused and everywhere["single_unused_idx"] == unused
+        for i in unused:
+            assert torch.equal(everywhere["ours"][i], everywhere["initial"][i]), "unused parameter moved"
+            assert torch.equal(everywhere["torch"][i], everywhere["initial"][i])
+        for case in rank_result.values():
+            for ours, ref, single in zip(case["ours"], case["torch"], case["single"], strict=True):
+                assert (ours - ref).abs().max().item() <= 1e-6, "ours != torch DDP"
+                assert (ours - single).abs().max().item() <= 1e-5, "ours != one process"
+        one_rank = rank_result["block 1 on rank 0 only"]
+        assert one_rank["unused_idx"] == []
+        block1 = [4, 5]  # blocks.1.0.weight, blocks.1.0.bias
+        for i in block1:
+            assert not torch.equal(one_rank["ours"][i], one_rank["initial"][i])
+
+
+def test_buckets_of_several_dtypes_launch_as_soon_as_complete(results):
+    """Two buffers (fp64 norms beside fp32 linears, fp64 first): every bucket is launched during
+    backward at the very gradient that completes it, so collectives overlap backward across buffers;
+    the gradients still equal torch DDP's."""
+    for rank_result in scenario(results, "_mixed_dtype_order"):
+        for step in rank_result["steps"]:
+            assert step["buffers"] == 2
+            assert step["launched_at"] == step["complete_at"], step
+            assert sorted(step["launched_at"]) == list(range(len(step["complete_at"])))
+            assert step["err"] <= 1e-6

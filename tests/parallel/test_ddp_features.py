@@ -60,8 +60,14 @@ def _wrapper_behaviour(rank, world_size):
     ddp.finish_grad_sync()
     out["comm_bytes"] = ddp.comm_bytes
     out["expected_bytes"] = sum((b.end - b.start) * 4 for b in ddp.buckets)
-    out["grad_is_view"] = all(p.grad.data_ptr() == p.main_grad.data_ptr() for p in model.parameters())
-    out["unused_grad_zero"] = bool((model.unused.weight.grad == 0).all())
+    unused = {id(p) for p in model.unused.parameters()}
+    out["grad_is_view"] = all(
+        p.grad.data_ptr() == p.main_grad.data_ptr() for p in model.parameters() if id(p) not in unused
+    )
+    # Unused on every rank: .grad None (as torch DDP with find_unused_parameters), main_grad zero.
+    out["unused_grad_none"] = all(p.grad is None for p in model.unused.parameters())
+    out["unused_listed"] = {id(p) for p in ddp.unused_params} == unused
+    out["unused_main_grad_zero"] = bool((model.unused.weight.main_grad == 0).all())
 
     # Misuse: backward again without zero_grad_buffer(); hook registration after a backward.
     out["no_zero_error"] = _raises(_step, ddp, x, y)
@@ -103,7 +109,9 @@ def test_wrapper_broadcast_state_dict_overlap_comm_bytes_and_misuse(results):
         assert 0 < r["unused_bucket"] < r["n_buckets"] - 1, "test model must put the unused layer mid-way"
         assert r["launched_in_backward"] == r["unused_bucket"], "buckets before the unused one must overlap"
         assert r["comm_bytes"] == r["expected_bytes"]
-        assert r["grad_is_view"] and r["unused_grad_zero"]
+        assert (
+            r["grad_is_view"] and r["unused_grad_none"] and r["unused_listed"] and r["unused_main_grad_zero"]
+        )
         assert "zero_grad_buffer" in r["no_zero_error"]
         assert "before the first backward" in r["late_hook_error"]
         assert r["grads_cleared"] and r["buffer_zero"] and r["comm_bytes_reset"] == 0
