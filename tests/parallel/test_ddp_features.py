@@ -93,6 +93,7 @@ def results():
         "_wrapper_behaviour",
         "_bf16_fp32_reduce",
         "_nan_report",
+        "_nan_check_with_loss_scaler",
         "_reduce_scatter_shards",
         "_llama_tiny",
     ]
@@ -185,6 +186,84 @@ def test_nan_gradient_names_rank_and_parameter(results):
     assert "rank 1" in msg1 and "before reduction" in msg1 and "head.bias" in msg1, msg1
     assert "after reduction" in msg0 and "head.bias" in msg0 and "another rank" in msg0, msg0
     assert ok0 and ok1
+
+
+@contextlib.contextmanager
+def _count_host_syncs():
+    """Count Tensor.__bool__/item/tolist calls (each a device-to-host sync on CUDA) while active."""
+    count = [0]
+    saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
+
+    def counting(original):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, counting(original))
+    try:
+        yield count
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _nan_check_with_loss_scaler(rank, world_size):
+    """check_for_nan_in_grad beside a dynamic loss scaler: rank 1's scaled loss overflows (routine in
+    fp16). With allow_nonfinite=True nothing raises, the scaler skips the step on both ranks and backs
+    off; without it, the same overflow raises on both ranks after the collectives (no hang)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    ddp = DistributedDataParallel(
+        DistributedDataParallelConfig(check_for_nan_in_grad=True, **SMALL_BUCKETS), model
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    data = batches(rank, 3, 1)
+    out = {}
+
+    def step(i, overflow, allow):
+        x, y = data[i][0]
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = nn.functional.mse_loss(ddp(x), y)
+        if overflow and rank == 1:
+            loss = loss * 1e35  # x 65536 overflows fp32: inf gradients on this rank only
+        with _count_host_syncs() as syncs_in_backward:
+            scaler.scale(loss).backward()
+        with _count_host_syncs() as syncs_in_finish:
+            error = _raises(lambda: ddp.finish_grad_sync(allow_nonfinite=allow))
+        if error == "<no error>":
+            scaler.step(opt)
+            scaler.update()
+        ddp.zero_grad_buffer()
+        moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        return {
+            "error": error,
+            "moved": moved,
+            "scale": scaler.get_scale(),
+            "syncs_in_backward": syncs_in_backward[0],
+            "syncs_in_finish": syncs_in_finish[0],
+        }
+
+    out["overflow, allowed"] = step(0, overflow=True, allow=True)
+    out["finite"] = step(1, overflow=False, allow=False)  # checked: finite, so no error
+    out["overflow, not allowed"] = step(2, overflow=True, allow=False)
+    return out
+
+
+def test_nan_check_leaves_loss_scaler_overflow_alone_and_syncs_once(results):
+    for r in scenario(results, "_nan_check_with_loss_scaler"):
+        skipped, finite, refused = r["overflow, allowed"], r["finite"], r["overflow, not allowed"]
+        assert skipped["error"] == "<no error>" and not skipped["moved"], skipped
+        assert skipped["scale"] == 2.0**15, "the scaler must back off after the overflow"
+        assert finite["error"] == "<no error>" and finite["moved"] and finite["scale"] == 2.0**15
+        assert "non-finite" in refused["error"] and not refused["moved"], refused
+        for rec in (skipped, finite, refused):
+            # No device-to-host sync inside backward (buckets launch there); at most one per check.
+            assert rec["syncs_in_backward"] == 0, rec
+        assert finite["syncs_in_finish"] == 1, finite  # the single read of the finiteness flags
 
 
 # ------------------------------------------------------------------------------------------------
