@@ -25,6 +25,7 @@ compressed as n x 1 matrices included).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -287,6 +288,7 @@ def _powerSGD_round(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
         else:
             state.error_dict[index] = torch.zeros_like(buffer)
         local = buffer.clone()  # M + error before compression: the error is measured against this
+    old_error = state.error_dict.get(index)  # kept if this round turns out non-finite
 
     # --- uncompressed tensors: one contiguous message -------------------------------------------
     uncompressed = [grads[i] for i in plan.uncompressed]
@@ -319,10 +321,10 @@ def _powerSGD_round(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
         gen = torch.Generator(device="cpu").manual_seed(state._next_seed())
         for q in qs:
             q.copy_(torch.randn(q.shape, generator=gen, dtype=q.dtype))  # drawn on CPU: same on all devices
-            _orthogonalize(q, cfg.orthogonalization_epsilon)
-    else:
-        for q in qs:
-            _orthogonalize(q, cfg.orthogonalization_epsilon)
+    # What the memories hold before this round touches them: restored if the round is non-finite.
+    p_before, q_before = p_mem.clone(), q_mem.clone()
+    for q in qs:
+        _orthogonalize(q, cfg.orthogonalization_epsilon)
     for mat, q, p in zip(mats, qs, ps):
         torch.bmm(mat, q, out=p)  # P = M Q: (B, n, m) @ (B, m, r) -> (B, n, r)
 
@@ -343,8 +345,21 @@ def _powerSGD_round(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
     else:
         q_fut = _done_future(q_mem)
 
-    def _decompress(_: torch.futures.Future) -> torch.Tensor:
+    # Decompression is queued on the stream current now (the side stream under stream_wrapper). The
+    # result Future is CUDA-aware: set_result records an event on that stream, and whoever waits on
+    # the Future (finish_grad_sync, stream_wrapper) makes its own stream wait for the event.
+    device = buffer.device
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    result: torch.futures.Future = torch.futures.Future(devices=[device] if stream is not None else None)
+
+    def _decompress() -> torch.Tensor:
+        # wait() on each collective's own (CUDA-aware, on NCCL) Future makes THIS stream wait for
+        # the collective; collect_all's Future carries no devices, so its completion alone does not.
+        unc_fut.wait()
+        q_fut.wait()
         # Both collectives are complete: unc_flat and q_mem hold sums over ranks; p_mem is orthonormal.
+        # Every rank sees the same sums, so `finite` (a device flag: no host sync) is the same on all.
+        finite = torch.isfinite(unc_flat).all() & torch.isfinite(q_mem).all() & torch.isfinite(p_mem).all()
         unc_flat.div_(world_size)
         off = 0
         for t in uncompressed:
@@ -362,14 +377,28 @@ def _powerSGD_round(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
                 k += 1
             else:
                 k += len(grp.grad_indices)
+        # A non-finite round (an Inf/NaN gradient on any rank, routine with fp16 loss scaling) leaves
+        # error feedback and P/Q memories as they were, so the next round is finite again, and hands
+        # back a result that is surely non-finite so the loss scaler skips the step.
         if local is not None:
-            state.error_dict[index] = local - buffer  # what this round failed to transmit
+            state.error_dict[index] = torch.where(finite, local - buffer, old_error)
+        p_mem.copy_(torch.where(finite, p_mem, p_before))
+        q_mem.copy_(torch.where(finite, q_mem, q_before))
+        buffer[:1].add_(torch.where(finite, 0.0, float("nan")).to(buffer.dtype))
         if not cfg.warm_start:
             state.p_memory_dict.pop(index, None)
             state.q_memory_dict.pop(index, None)
         return buffer
 
-    return torch.futures.collect_all([unc_fut, q_fut]).then(_decompress)
+    def _run(_: torch.futures.Future) -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                result.set_result(_decompress())
+        except Exception as exc:  # handed to whoever waits on `result`
+            result.set_exception(exc)
+
+    torch.futures.collect_all([unc_fut, q_fut]).add_done_callback(_run)
+    return result
 
 
 def powerSGD_hook(state: PowerSGDState, bucket: Any) -> torch.futures.Future:

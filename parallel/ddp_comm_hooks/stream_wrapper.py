@@ -77,7 +77,9 @@ def run_hook_on_side_stream(
         # Runs on whatever thread completes `inner` (a collective's thread, or inline).
         try:
             with torch.cuda.stream(side):
-                value = done.value()  # a CUDA-aware `inner` makes `side` wait for its own events
+                # wait(), not value(): only wait() makes the current stream (`side`) wait for the
+                # events a CUDA-aware `inner` recorded; value() hands over the tensor unsynchronised.
+                value = done.wait()
                 result.set_result(value)  # (3) records the completion event on `side`
         except Exception as exc:  # handed to whoever waits on `result`
             result.set_exception(exc)

@@ -158,11 +158,70 @@ def _resume(rank: int, world_size: int, save_dir: str) -> float:
     return max((a - b).abs().max().item() for a, b in zip(straight, resumed))
 
 
+def _nonfinite_round(rank: int, world_size: int) -> dict:
+    """Rounds 0..4 with rank 0's round-2 gradients non-finite, vs the same run without round 2.
+
+    Round 2 must hand back non-finite buckets on every rank and leave error feedback and P/Q memories
+    bit-unchanged, so rounds 3 and 4 equal the run that never saw round 2. Also through the fp16
+    wrapper, where the bad value is a finite fp32 gradient (1e6) that overflows fp16's range.
+    """
+    from parallel.ddp_comm_hooks.default_hooks import fp16_compress_wrapper
+
+    cfg = PowerSGDConfig(matrix_approximation_rank=2, start_powerSGD_iter=1, use_side_stream=False)
+    cases = {
+        "fp32": (powerSGD_hook, float("inf")),
+        "fp16 wrapper": (fp16_compress_wrapper(powerSGD_hook), 1e6),
+    }
+    out = {}
+    for name, (hook, bad_value) in cases.items():
+
+        def round_(state, it, poison, hook=hook, bad_value=bad_value):
+            got = []
+            for b, shapes in enumerate(BUCKETS):
+                flat = local_grads(rank, it, b, shapes)
+                if poison and rank == 0:
+                    # bucket 0: inside a compressed (32, 24) matrix; bucket 1: in the uncompressed (5, 7)
+                    flat[5 if b == 0 else 20 + 32 * 24 + 3] = bad_value
+                bucket = FakeBucket(b, b == len(BUCKETS) - 1, flat, shapes)
+                got.append(hook(state, bucket).wait().clone())
+            return got
+
+        def memories(state):
+            return {
+                k: {i: t.clone() for i, t in getattr(state, k).items()}
+                for k in ("error_dict", "p_memory_dict", "q_memory_dict")
+            }
+
+        clean, hit = PowerSGDState(None, cfg), PowerSGDState(None, cfg)
+        for it in range(2):
+            round_(clean, it, False)
+            round_(hit, it, False)
+        before = memories(hit)
+        bad = round_(hit, 2, True)
+        after = memories(hit)
+        clean_next = [round_(clean, it, False) for it in (3, 4)]
+        hit_next = [round_(hit, it, False) for it in (3, 4)]
+        out[name] = {
+            "bad_round_nonfinite": [not bool(torch.isfinite(t).all()) for t in bad],
+            "memories_unchanged": all(
+                before[k].keys() == after[k].keys()
+                and all(torch.equal(before[k][i], after[k][i]) for i in before[k])
+                for k in before
+            ),
+            "next_equal": all(
+                torch.equal(a, b) for ra, rb in zip(clean_next, hit_next) for a, b in zip(ra, rb)
+            ),
+            "next_finite": all(bool(torch.isfinite(t).all()) for r in hit_next for t in r),
+        }
+    return out
+
+
 def _all_cases(rank: int, world_size: int, save_dir: str) -> dict:
     return {
         "torch": _compare_with_torch(rank, world_size),
         "tiny": _tiny_bytes(rank, world_size, 4),
         "resume": _resume(rank, world_size, save_dir),
+        "nonfinite": _nonfinite_round(rank, world_size),
     }
 
 
@@ -252,3 +311,11 @@ def test_config_rejects_bad_values():
         PowerSGDConfig(min_compression_rate=0)
     with pytest.raises(TypeError):
         PowerSGDConfig(matrix_rank=2)  # unknown keys are rejected
+
+
+def test_nonfinite_round_leaves_state_unchanged_and_later_rounds_recover(results):
+    for r in results:  # both ranks: rank 0 had the bad gradient, rank 1 only received it
+        for name, case in r["nonfinite"].items():
+            assert case["bad_round_nonfinite"] == [True, True], (name, case)
+            assert case["memories_unchanged"], name
+            assert case["next_equal"] and case["next_finite"], (name, case)
