@@ -365,6 +365,11 @@ class DistributedDataParallel(nn.Module):
         self._comm_hook, self._comm_hook_state = hook, state
         self._attach_grad_views()  # a hook makes the whole buffer valid even with the distributed optimizer
 
+    def bucket_layout(self) -> list[list]:
+        """``[[padded numel, [param names]], ...]`` in bucket-index order: what per-bucket hook state
+        (PowerSGD memories, per-bucket optimizers) is keyed by; plain lists, so checkpoints can hold it."""
+        return [[b.end - b.start, [self.param_to_name[p] for p in b.params]] for b in self.buckets]
+
     @property
     def comm_bytes(self) -> int:
         """Payload bytes this rank handed to gradient collectives since ``reset_comm_stats()``."""

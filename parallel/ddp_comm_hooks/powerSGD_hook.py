@@ -184,6 +184,13 @@ class PowerSGDState:
             "total_numel_after_compression": self.total_numel_after_compression,
         }
 
+    def continue_from(self, iteration: int) -> None:
+        """Resume without saved memories (another world size or bucket layout): every bucket counts as
+        hooked ``iteration`` times, so compression resumes where it was instead of warming up again.
+        Error feedback and P/Q memories start empty; the seed stream starts over."""
+        self.iter = int(iteration)
+        self._bucket_calls = defaultdict(lambda: int(iteration))
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         saved = PowerSGDConfig(**sd["config"])
         if asdict(saved) != asdict(self.config):

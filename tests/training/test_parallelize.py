@@ -36,6 +36,13 @@ def _rank(rank, world, out_dir):
         dp(torch.randn(4, 600, generator=g)).square().sum().backward()
         dp.zero_grad(torch.optim.SGD(dp.module.parameters(), lr=0.0))
     out["torch_plain_buckets"] = int(dp.wrapped._get_ddp_logging_data()["num_buckets_reduced"])
+    # The reference runs on its default path: no Python comm hook; bytes come from the gradient sizes.
+    out["torch_plain_hook"] = dp.wrapped._get_ddp_logging_data().get("comm_hook", "")
+    for _ in range(2):
+        dp(torch.randn(4, 600, generator=g)).square().sum().backward()
+        dp.finish_grad_sync()
+        dp.zero_grad(torch.optim.SGD(dp.module.parameters(), lr=0.0))
+    out["torch_plain_bytes"] = dp.pop_comm_bytes()
 
     # (2) a torch.compile'd model: z2all DDP and the torch-DDP NaN check name the model's own params
     for impl in ("z2all", "torch"):
@@ -60,6 +67,8 @@ def test_torch_powersgd_single_bucket_and_compiled_names(tmp_path):
     for r in range(2):
         assert res[r]["torch_plain_buckets"] == 2  # the cap really splits this model
         assert res[r]["torch_psgd_buckets"] == 1
+        assert res[r]["torch_plain_hook"] == ""
+        assert res[r]["torch_plain_bytes"] == 2 * 2 * (600 * 600 + 600) * 4  # 2 synced steps, fp32
         assert res[r]["z2all_names"] == own_names
         for impl in ("z2all", "torch"):
             msg = res[r][f"{impl}_nan"]

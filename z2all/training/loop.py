@@ -137,7 +137,8 @@ class _Trainer:
             for k, v in res.stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + v.double()
             n_tokens += res.n_tokens
-        dp.finish_grad_sync()
+        # A loss scaler's overflow is routine: it skips the step, --check_for_nan_in_grad does not raise.
+        dp.finish_grad_sync(allow_nonfinite=self.scaler.is_enabled())
         # invariant: every param.grad holds the all-rank average of the step gradient (still scaled in fp16)
         if dp.steps_optimizer:
             # --overlap_optim_step: each bucket's optimizer already stepped inside its comm hook (no
@@ -351,18 +352,16 @@ def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult
         if metrics is not None:
             metrics.truncate_after(start_step)
         run_model = torch.compile(comp.model) if cfg.compile else comp.model
-        comm_state = None
-        if extra is not None and extra.get("comm_state") is not None:
-            if int(extra.get("world_size", -1)) == world:
-                comm_state = extra["comm_state"]
-            else:
-                log.warning(
-                    "checkpoint comm-hook state is from world size %s, this run has %d: not restored",
-                    extra.get("world_size"),
-                    world,
-                )
         dp = DataParallelModel(
-            run_model, cfg, device, start_step, comm_state, make_bucket_optimizer=comp.make_bucket_optimizer
+            run_model,
+            cfg,
+            device,
+            start_step,
+            comm_state=extra.get("comm_state") if extra is not None else None,
+            make_bucket_optimizer=comp.make_bucket_optimizer,
+            saved_world_size=int(extra["world_size"])
+            if extra is not None and "world_size" in extra
+            else None,
         )
         if extra is not None:
             _check_optimizer_home(extra, dp, world)

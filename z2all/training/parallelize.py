@@ -3,8 +3,9 @@
 :class:`DataParallelModel` gives the loop one interface over three cases:
 
 - world size 1, no process group: the bare module; no communication.
-- ``--ddp_impl=torch``: ``torch.nn.parallel.DistributedDataParallel`` with a comm hook that also
-  counts the bytes this rank hands to collectives (torch DDP does not report them).
+- ``--ddp_impl=torch``: ``torch.nn.parallel.DistributedDataParallel`` on its own default path (its C++
+  all-reduce, no Python hook) unless ``--comm_hook`` asks for one; its ``comm_bytes`` are then
+  computed from the gradient sizes (every synced step all-reduces every trainable gradient).
 - ``--ddp_impl=z2all``: ``parallel.DistributedDataParallel`` (docs/architecture.md), which counts
   its own bytes in ``comm_bytes``.
 
@@ -18,6 +19,12 @@ Per optimizer step the loop does::
 ``comm_bytes`` counts the payload of gradient collectives (the bytes of the tensors all-reduced, per
 rank), not the wire traffic of the ring algorithm (about 2(W-1)/W times that).
 
+Comm-hook state on resume (checked here, before the first step): PowerSGD's error feedback and P/Q
+memories are per rank and per bucket, so they are restored only when the world size and the bucket
+layout (``--bucket_size``) match the checkpoint's; otherwise they restart with a warning naming what
+changed, while its iteration count continues (no second warm-up). Per-bucket optimizers of
+``--overlap_optim_step`` hold the AdamW moments, which must not restart: a changed layout is refused.
+
 No ``from __future__ import annotations`` here: torch DDP checks a comm hook's return annotation
 at runtime and needs the real ``torch.futures.Future[torch.Tensor]`` object, not a string.
 """
@@ -30,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from z2all.training.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,16 +49,6 @@ class _ByteCounter:
         self.process_group = process_group
         self.inner_state = inner_state
         self.bytes = 0
-
-
-def _counting_allreduce_hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
-    """Plain averaging all-reduce of the bucket (what torch DDP does by default), counted."""
-    buf = bucket.buffer()
-    state.bytes += buf.numel() * buf.element_size()
-    group = state.process_group or dist.group.WORLD
-    buf.div_(dist.get_world_size(group))
-    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
 
 
 def _counting_compress_hook(dtype: torch.dtype):
@@ -91,11 +90,15 @@ class DataParallelModel:
         start_step: int = 0,
         comm_state: dict | None = None,
         make_bucket_optimizer=None,
+        saved_world_size: int | None = None,
     ):
+        """``comm_state``/``saved_world_size``: what a resumed checkpoint holds (module docstring)."""
         self.module = module  # the model (maybe torch.compile'd): what the optimizer holds
         self.impl = "none"
         self._check_nan = bool(getattr(cfg, "check_for_nan_in_grad", False))
         self._counter: _ByteCounter | None = None
+        self._grad_bytes_per_sync = 0  # torch DDP on its default path: bytes of one full all-reduce
+        self._synced_steps = 0
         self._powersgd = None  # z2all PowerSGDState, whose state_dict goes into checkpoints
         self._overlap = None  # z2all OptimizerOverlapState: per-bucket optimizers stepped in the hook
         self._lr = None
@@ -105,10 +108,11 @@ class DataParallelModel:
                 log.info("world size 1: --comm_hook=%s has nothing to compress", cfg.comm_hook)
             return
         self.impl = cfg.ddp_impl
+        self._bucket_size = cfg.bucket_size
         if cfg.ddp_impl == "torch":
             self._wrap_torch(cfg, device, start_step)
         else:
-            self._wrap_z2all(cfg, start_step, comm_state or {}, make_bucket_optimizer)
+            self._wrap_z2all(cfg, start_step, comm_state or {}, make_bucket_optimizer, saved_world_size)
 
     # ---- construction -------------------------------------------------------------------------------
     def _wrap_torch(self, cfg, device: torch.device, start_step: int) -> None:
@@ -156,10 +160,14 @@ class DataParallelModel:
             dtype = torch.float16 if cfg.comm_hook == "fp16" else torch.bfloat16
             self.wrapped.register_comm_hook(self._counter, _counting_compress_hook(dtype))
         else:
-            self._counter = _ByteCounter(None)
-            self.wrapped.register_comm_hook(self._counter, _counting_allreduce_hook)
+            # The reference's best path: torch DDP's own C++ all-reduce, no Python hook in the way.
+            self._grad_bytes_per_sync = sum(
+                p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad
+            )
 
-    def _wrap_z2all(self, cfg, start_step: int, comm_state: dict, make_bucket_optimizer) -> None:
+    def _wrap_z2all(
+        self, cfg, start_step: int, comm_state: dict, make_bucket_optimizer, saved_world_size: int | None
+    ) -> None:
         from parallel import DistributedDataParallel, DistributedDataParallelConfig
         from parallel import ddp_comm_hooks as hooks
 
@@ -171,6 +179,9 @@ class DataParallelModel:
         )
         # Under --compile the DDP reports the model's own names (it drops `_orig_mod.` itself).
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
+        self._layout = self.wrapped.bucket_layout()
+        world = dist.get_world_size()
+        changed = _what_changed(comm_state, saved_world_size, world, self._layout, cfg.bucket_size)
         hook, hook_state = None, None  # None: the DDP's built-in averaging all-reduce
         if cfg.comm_hook == "powersgd":
             from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
@@ -181,13 +192,17 @@ class DataParallelModel:
                 random_seed=cfg.seed,
             )
             self._powersgd = PowerSGDState(None, ps_cfg)
-            if comm_state.get("powersgd") is not None:
+            if comm_state.get("powersgd") is not None and changed is None:
                 # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact resume
                 self._powersgd.load_state_dict(comm_state["powersgd"])
             elif start_step > 0:
+                self._powersgd.continue_from(start_step)
                 log.warning(
-                    "resuming without saved PowerSGD state (another world size?): error feedback and warm "
-                    "start restart, so losses are close to, not identical with, an uninterrupted run"
+                    "resuming PowerSGD at step %d without its saved error feedback and P/Q memories (%s): "
+                    "they restart, the warm-up does not, so losses are close to, not identical with, an "
+                    "uninterrupted run",
+                    start_step,
+                    changed or "the checkpoint holds no PowerSGD state",
                 )
             hook, hook_state = powerSGD_hook, self._powersgd
         elif cfg.comm_hook in ("fp16", "bf16"):
@@ -209,6 +224,11 @@ class DataParallelModel:
 
             self._overlap = OptimizerOverlapState(hook or hooks.allreduce_hook, hook_state, make)
             if comm_state.get("overlap_optim") is not None:
+                if changed is not None:
+                    raise ConfigError(
+                        "cannot resume --overlap_optim_step: its per-bucket AdamW state was saved for other "
+                        f"buckets ({changed}); resume with the saved --bucket_size and world size"
+                    )
                 self._overlap.load_state_dict(comm_state["overlap_optim"])
             self.wrapped.register_comm_hook(self._overlap, optimizer_overlap_hook)
         elif hook is not None:
@@ -217,11 +237,16 @@ class DataParallelModel:
     def comm_state_dict(self) -> dict | None:
         """This rank's comm-hook state to checkpoint (z2all PowerSGD, overlapped optimizers), or None."""
         state = {}
+        if self.impl == "z2all":
+            state["bucket_layout"] = self._layout
+            state["bucket_size"] = self._bucket_size
         if self._powersgd is not None:
             state["powersgd"] = self._powersgd.state_dict()
         if self._overlap is not None:
             state["overlap_optim"] = self._overlap.state_dict()
-        return state or None
+        if self._powersgd is None and self._overlap is None:
+            return None  # nothing stateful: the layout alone is not worth a checkpoint entry
+        return state
 
     @property
     def steps_optimizer(self) -> bool:
@@ -255,17 +280,19 @@ class DataParallelModel:
             return contextlib.nullcontext()
         return self.wrapped.no_sync()
 
-    def finish_grad_sync(self) -> None:
+    def finish_grad_sync(self, allow_nonfinite: bool = False) -> None:
         """After the last backward of a step: wait until every param.grad is the all-rank average.
 
         With ``check_for_nan_in_grad`` a NaN/Inf gradient raises RuntimeError naming the parameter(s)
-        (z2all DDP checks itself, per bucket, before and after the reduction). Otherwise the reduced
-        grads are checked here; they are equal on every rank, so every rank raises together.
+        (z2all DDP checks itself once all collectives are done). ``allow_nonfinite``: a dynamic loss
+        scaler looks at the gradients next and skips the step on an overflow, so there is nothing to
+        raise. Reduced grads are equal on every rank, so every rank raises together.
         """
+        self._synced_steps += 1
         if self.impl == "z2all":
-            self.wrapped.finish_grad_sync()
+            self.wrapped.finish_grad_sync(allow_nonfinite=allow_nonfinite)
         # torch DDP finishes its all-reduces inside backward() (autograd waits on the hook futures).
-        elif self._check_nan:
+        elif self._check_nan and not allow_nonfinite:
             bad = [
                 _model_name(n)
                 for n, p in self.module.named_parameters()
@@ -287,6 +314,9 @@ class DataParallelModel:
     def pop_comm_bytes(self) -> int:
         """Bytes this rank handed to gradient collectives since the last call."""
         if self.impl == "torch":
+            if self._counter is None:  # default path: every synced step all-reduced every gradient
+                n, self._synced_steps = self._synced_steps * self._grad_bytes_per_sync, 0
+                return n
             n, self._counter.bytes = self._counter.bytes, 0
             return n
         if self.impl == "z2all":
@@ -294,6 +324,29 @@ class DataParallelModel:
             self.wrapped.reset_comm_stats()
             return n
         return 0
+
+
+def _what_changed(
+    comm_state: dict, saved_world: int | None, world: int, layout: list, bucket_size: int
+) -> str | None:
+    """Why a checkpoint's per-bucket hook state does not fit this run, or None when it does."""
+    if not comm_state:
+        return None
+    if saved_world is not None and saved_world != world:
+        return f"saved on world size {saved_world}, this run has {world}"
+    saved = comm_state.get("bucket_layout")
+    if saved is not None and [list(map(_as_list, b)) for b in saved] != [
+        list(map(_as_list, b)) for b in layout
+    ]:
+        return (
+            f"--bucket_size={comm_state.get('bucket_size')} when saved, --bucket_size={bucket_size} now "
+            f"({len(saved)} vs {len(layout)} buckets)"
+        )
+    return None
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else x
 
 
 def _model_name(name: str) -> str:
