@@ -183,7 +183,8 @@ class DistributedDataParallel(nn.Module):
     # --- backward-time path ---------------------------------------------------------------------
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         """Post-accumulate-grad hook: move ``param.grad`` into ``main_grad``, maybe launch buckets."""
-        if param.grad is None:
+        grad = param.grad
+        if grad is None:
             return
         self._backward_seen = True
         if self._grads_synced:
@@ -201,11 +202,11 @@ class DistributedDataParallel(nn.Module):
                 "in ddp.no_sync()."
             )
         main_grad = param.main_grad
-        if param.grad.data_ptr() != main_grad.data_ptr():
+        if grad is not main_grad and grad.data_ptr() != main_grad.data_ptr():
             # A fresh .grad (grad dtype != param dtype, or .grad was set to None by the user): fold it
             # into the buffer and free it. Otherwise AccumulateGrad already added in place into
             # main_grad (the view we made param.grad), as torch DDP's gradient_as_bucket_view does.
-            main_grad.add_(param.grad)  # fp32 main_grad += bf16 grad upcasts exactly
+            main_grad.add_(grad)  # fp32 main_grad += bf16 grad upcasts exactly
             param.grad = main_grad if param in self._grad_is_view else None
         self._locally_used.add(param)
         if not self._sync_enabled:
