@@ -1,4 +1,4 @@
-"""optimizer: optimizer construction with fused backends, and mixed-precision optimizer wrappers."""
+"""optimizer: AdamW construction with fused backends (torch fused/foreach, apex when installed)."""
 
 from optimizer.adamw import build_adamw, resolve_adamw_backend
 
