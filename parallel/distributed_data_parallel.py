@@ -225,6 +225,7 @@ class DistributedDataParallel(nn.Module):
         assert bucket.index == self._next_bucket, "collectives must be issued in bucket order"
         gb = self._grad_buckets[bucket.index]
         gb._reset()
+        gb._all_used = all(p in self._locally_used for p in bucket.params)
         if self.config.check_for_nan_in_grad:
             # A device tensor, read once in finish_grad_sync(): no host sync inside backward.
             self._local_finite.append(torch.isfinite(bucket.grad_data).all())
@@ -323,6 +324,9 @@ class DistributedDataParallel(nn.Module):
                     p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
             for p in self.unused_params:
                 p.grad = None
+        after_grad_sync = getattr(self._comm_hook_state, "after_grad_sync", None)
+        if after_grad_sync is not None:
+            after_grad_sync()  # e.g. the overlapped optimizer's deferred steps (bucket.py)
 
     def _sync_unused_params(self) -> list[nn.Parameter]:
         """All-reduce (MAX) one byte per parameter, 1 if it got a gradient on this rank this iteration;

@@ -13,6 +13,9 @@ Invariants a hook may rely on when it is called:
     ``gradients()[i]`` into the DDP's grad buffer, so an in-place reduction into ``buffer()`` is
     visible through ``param.grad`` inside a ``fut.then(...)`` callback.
 
+A hook's state may define ``after_grad_sync()``: the DDP calls it at the end of ``finish_grad_sync()``,
+once every ``param.grad`` is final (None for parameters no rank used).
+
 And one rule a hook must keep: issue every collective from the hook call itself (the DDP's thread),
 never from a ``fut.then`` callback. The DDP calls hooks in the same bucket order on every rank, so
 collectives issued inline are paired correctly; gloo runs callbacks on its worker threads, so a
@@ -52,6 +55,7 @@ class GradBucket:
         self._offsets = list(offsets)
         self.process_group = process_group
         self._record = record_comm_bytes
+        self._all_used = True  # set by the DDP at each launch
 
     # --- torch.distributed.GradBucket interface -------------------------------------------------
     def index(self) -> int:
@@ -90,6 +94,11 @@ class GradBucket:
     def param_names(self) -> list[str]:
         """Fully qualified names (as in ``module.named_parameters()``) of ``parameters()``."""
         return list(self._param_names)
+
+    def params_all_used_locally(self) -> bool:
+        """True when every parameter of this bucket got a gradient on this rank this iteration. When
+        False, whether the others got one on ANY rank is known only after ``finish_grad_sync()``."""
+        return self._all_used
 
     def record_comm_bytes(self, n: int) -> None:
         """Every z2all hook calls this with the payload bytes it hands to collectives."""

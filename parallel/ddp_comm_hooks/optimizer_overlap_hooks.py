@@ -18,6 +18,12 @@ and a parameter's gradient is produced by the same autograd node that last reads
 no pending backward node still needs the old value (an in-place update of a tensor that autograd
 saved for later would raise, not silently corrupt).
 
+Parameters no rank used: a bucket holding a parameter that got no gradient on this rank cannot be
+stepped in its callback, since whether another rank used it is known only at the end of
+``finish_grad_sync()`` (which then sets ``.grad = None`` for parameters unused everywhere). Such a
+bucket's step is deferred to ``after_grad_sync()``, which the DDP calls then; the optimizer skips
+parameters whose ``.grad`` is None, so they do not move, as with torch DDP and one process.
+
 Global-norm gradient clipping is REFUSED: it scales every gradient by max_norm / ||g||, where ||g||
 is over all buckets, which is unknown when the first bucket is stepped. ``OptimizerOverlapState``
 raises a ValueError for ``max_grad_norm > 0``; train without clipping (or with the plain step).
@@ -79,6 +85,7 @@ class OptimizerOverlapState:
         self.optimizers: dict[int, torch.optim.Optimizer] = {}  # bucket index -> its optimizer
         self.steps: dict[int, int] = {}  # bucket index -> optimizer steps taken
         self._pending_state: dict[int, dict] = {}  # loaded before the bucket's optimizer existed
+        self._deferred: list[int] = []  # buckets with a locally unused parameter: stepped after the sync
 
     @property
     def param_groups(self) -> list[dict]:
@@ -88,6 +95,14 @@ class OptimizerOverlapState:
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
             group["lr"] = lr
+
+    def after_grad_sync(self) -> None:
+        """Called by the DDP at the end of ``finish_grad_sync()``: step the deferred buckets, whose
+        ``.grad`` is now final (None for parameters unused on every rank)."""
+        for index in sorted(self._deferred):
+            self.optimizers[index].step()
+            self.steps[index] = self.steps.get(index, 0) + 1
+        self._deferred.clear()
 
     def state_dict(self) -> dict[int, dict]:
         """Per bucket index, the bucket optimizer's state dict (weights_only-loadable)."""
@@ -148,9 +163,14 @@ def optimizer_overlap_hook(state: OptimizerOverlapState, bucket: Any) -> torch.f
     fut = state.hook(state.hook_state, bucket)
     index = bucket.index()
 
+    all_used = bucket.params_all_used_locally() if hasattr(bucket, "params_all_used_locally") else True
+
     def _step(done: torch.futures.Future) -> torch.Tensor:
         # The reduction of this bucket is complete; other buckets may still be in flight.
         reduced = done.value()
+        if not all_used:
+            state._deferred.append(index)  # stepped by after_grad_sync() (module docstring)
+            return reduced
         _expose_reduced_grads(bucket, reduced)
         opt.step()
         state.steps[index] = state.steps.get(index, 0) + 1

@@ -81,8 +81,45 @@ def _overlap_vs_reference(rank: int, world_size: int, use_powersgd: bool) -> dic
     return {"diff": diff, "moved": moved, "steps": dict(state.steps), "n_buckets": len(ddp.buckets)}
 
 
+def _overlap_with_unused(rank: int, world_size: int) -> dict:
+    """TinyNet with a layer no rank uses and block 1 used on rank 0 only, AdamW with weight decay:
+    overlapped per-bucket steps vs torch DDP (find_unused_parameters) + one AdamW step."""
+    from tests.parallel.test_ddp import SMALL_BUCKETS, TinyNet, batches
+
+    order = (0, 1, 2) if rank == 0 else (0, 2)
+    torch.manual_seed(0)
+    model = TinyNet(order=order, unused=True)
+    torch.manual_seed(0)
+    ref_model = TinyNet(order=order, unused=True)
+    initial = [p.detach().clone() for p in model.parameters()]
+    ddp = DistributedDataParallel(DistributedDataParallelConfig(**SMALL_BUCKETS), model)
+    state = OptimizerOverlapState(allreduce_hook, DefaultHookState(), make_adamw)
+    ddp.register_comm_hook(state, optimizer_overlap_hook)
+    ref = nn.parallel.DistributedDataParallel(ref_model, find_unused_parameters=True)
+    ref_opt = torch.optim.AdamW(adamw_groups(list(ref_model.named_parameters())), **HYPER)
+    for micro in batches(rank, STEPS, 1):
+        x, y = micro[0]
+        nn.functional.mse_loss(ddp(x), y).backward()
+        ddp.finish_grad_sync()
+        ddp.zero_grad_buffer()
+        nn.functional.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    names = [n for n, _ in model.named_parameters()]
+    return {
+        "diff": max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref_model.parameters())),
+        "unused_moved": [
+            n
+            for n, a, b in zip(names, model.parameters(), initial)
+            if n.startswith("unused") and not torch.equal(a, b)
+        ],
+        "block1_moved": not torch.equal(model.blocks[1][0].weight, initial[names.index("blocks.1.0.weight")]),
+    }
+
+
 def _all_cases(rank: int, world_size: int) -> dict:
     return {
+        "unused": _overlap_with_unused(rank, world_size),
         "allreduce": _overlap_vs_reference(rank, world_size, False),
         "powersgd": _overlap_vs_reference(rank, world_size, True),
         "state_dict": _state_dict_round_trip(rank, world_size),
@@ -112,6 +149,15 @@ def test_overlapped_adamw_on_top_of_powersgd_equals_sync_then_step(results):
     for r in (res["powersgd"] for res in results):
         assert r["steps"] == {i: STEPS for i in range(r["n_buckets"])}, r
         assert r["moved"] > 1e-3, r
+        assert r["diff"] <= 1e-6, r
+
+
+def test_overlapped_step_leaves_parameters_no_rank_used_untouched(results):
+    """Buckets holding a locally unused parameter step after the sync, when .grad is None for the
+    parameters unused everywhere: same numbers as torch DDP + AdamW(weight_decay). Asserted <= 1e-6."""
+    for r in (res["unused"] for res in results):
+        assert r["unused_moved"] == [], r
+        assert r["block1_moved"], r  # used on rank 0 only: updated from its averaged gradient
         assert r["diff"] <= 1e-6, r
 
 
