@@ -3,7 +3,8 @@
 ``python -m z2all.demo [--out_dir=demo_out] [--nproc=2]`` does what a user does by hand:
 
 1. builds a small corpus from text that ships with Python (the standard library's docstrings and
-   source), plus a small SFT set of "what does X do?" dialogues answered by those docstrings;
+   source), plus a small SFT set of "what does X do?" dialogues answered by those docstrings (and
+   preference pairs made from them, for ``configs/demo_dpo.json``);
 2. trains a byte-level BPE tokenizer;
 3. pretokenizes the corpus into ``.bin`` files and builds the ``.ibin`` sample index;
 4. pretrains the ``tiny`` model on ``--nproc`` CPU processes (gloo) through ``torchrun``;
@@ -67,29 +68,63 @@ def _docstrings(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def build_demo_data(data_dir: Path, limit_bytes: int = 3_000_000) -> dict:
-    """Write ``pretrain/stdlib.jsonl`` (docs + source) and ``sft/stdlib_qa.jsonl`` under ``data_dir``."""
-    pretrain = data_dir / "pretrain" / "stdlib.jsonl"
-    sft = data_dir / "sft" / "stdlib_qa.jsonl"
-    n_docs = n_dialogues = 0
-    with atomic_open(pretrain, "w", encoding="utf-8") as fp, atomic_open(sft, "w", encoding="utf-8") as fs:
-        for path in _stdlib_files(limit_bytes):
-            source = path.read_text(encoding="utf-8", errors="replace")
-            fp.write(json.dumps({"text": source}, ensure_ascii=False) + "\n")
-            n_docs += 1
-            for name, doc in _docstrings(path):
-                fp.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-                n_docs += 1
-                answer = doc.strip().split("\n\n")[0].strip()
-                if 10 <= len(answer) <= 400:
-                    messages = [
+def stdlib_corpus(limit_bytes: int = 3_000_000) -> tuple[list[str], list[list[dict]]]:
+    """(pretraining documents, SFT dialogues) from the standard library, in a fixed order.
+
+    Documents: each module's source, then its docstrings. Dialogues: "What does `name` do?" answered by
+    the first paragraph of that docstring (10 to 400 characters), after a system message.
+    Tests build their built-in corpus with this too, so it stays importable and free of side effects.
+    """
+    documents, dialogues = [], []
+    for path in _stdlib_files(limit_bytes):
+        documents.append(path.read_text(encoding="utf-8", errors="replace"))
+        for name, doc in _docstrings(path):
+            documents.append(doc)
+            answer = doc.strip().split("\n\n")[0].strip()
+            if 10 <= len(answer) <= 400:
+                dialogues.append(
+                    [
                         {"role": "system", "content": "You are a helpful Python assistant."},
                         {"role": "user", "content": f"What does `{name}` do?"},
                         {"role": "assistant", "content": answer},
                     ]
-                    fs.write(json.dumps(messages, ensure_ascii=False) + "\n")
-                    n_dialogues += 1
-    return {"pretrain_docs": n_docs, "sft_dialogues": n_dialogues}
+                )
+    return documents, dialogues
+
+
+def preference_pairs(dialogues: list[list[dict]]) -> list[dict]:
+    """DPO pairs in the DPO-En-Zh-20k layout: each dialogue's own answer is chosen; the answer of the
+    dialogue half the list away (another name's docstring: real text, wrong for this question) is rejected."""
+    n = len(dialogues)
+    pairs = []
+    for i, (system, user, assistant) in enumerate(dialogues):
+        pairs.append(
+            {
+                "system": system["content"],
+                "history": [],
+                "question": user["content"],
+                "response_chosen": assistant["content"],
+                "response_rejected": dialogues[(i + n // 2) % n][2]["content"],
+            }
+        )
+    return pairs
+
+
+def build_demo_data(data_dir: Path, limit_bytes: int = 3_000_000) -> dict:
+    """Write ``pretrain/stdlib.jsonl`` (docs + source), ``sft/stdlib_qa.jsonl`` (message lists) and
+    ``dpo/stdlib_pairs.jsonl`` (preference pairs, for ``configs/demo_dpo.json``) under ``data_dir``."""
+    documents, dialogues = stdlib_corpus(limit_bytes)
+    pairs = preference_pairs(dialogues)
+    files = {
+        "pretrain/stdlib.jsonl": [{"text": d} for d in documents],
+        "sft/stdlib_qa.jsonl": dialogues,
+        "dpo/stdlib_pairs.jsonl": pairs,
+    }
+    for name, records in files.items():
+        with atomic_open(data_dir / name, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return {"pretrain_docs": len(documents), "sft_dialogues": len(dialogues), "dpo_pairs": len(pairs)}
 
 
 def _run(cmd: list[str]) -> None:

@@ -2,19 +2,21 @@
 
 ``tiny_tokenizer_dir`` (hf_bbpe, vocab 1000) and ``tiny_sp_tokenizer_dir`` (sp_bbpe, vocab <= 2000) are
 trained on the first documents of the shared Chinese corpus and a few standard-library modules when
-``../shared/data`` exists, else on built-in bilingual text; either way they are real trained tokenizers
-with the special tokens at ids 0..15. ``tiny_tokenizer`` is the loaded hf_bbpe ``Z2allTokenizer``.
-Other test folders reuse them with ``from tests.data.conftest import ...``.
+the shared corpora exist (``tests.conftest.SHARED_DATA``), else on built-in bilingual text; either way
+they are real trained tokenizers with the special tokens at ids 0..15. ``tiny_tokenizer`` is the
+loaded hf_bbpe ``Z2allTokenizer``. Other test folders reuse them with ``from tests.data.conftest import ...``.
 """
 
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, TextCorpus, shared_corpus
+from z2all.data.readers import iter_documents
 from z2all.tokenizer import TokenizerTrainConfig, Z2allTokenizer, train_tokenizer
 
 BUILTIN_TEXTS = [
@@ -28,25 +30,24 @@ BUILTIN_TEXTS = [
 ]
 
 
-def fixture_texts(max_zh_docs: int = 200, max_code_docs: int = 3) -> list[str]:
+def corpus_texts(corpus: TextCorpus, max_docs: int = 200, max_code_docs: int = 3) -> list[str]:
+    """The first documents of a corpus and of its Python code, plus the built-in text: what a
+    tokenizer for that corpus is trained on."""
+    texts = list(islice(iter_documents(corpus.pretrain), max_docs))
+    return texts + list(islice(iter_documents(corpus.code), max_code_docs)) + BUILTIN_TEXTS
+
+
+def fixture_texts() -> list[str]:
     """Training texts: real documents when the shared corpora exist, else built-in text (repeated)."""
-    zh = SHARED_DATA / "pretrain" / "zh_fortunes.jsonl"
-    code = SHARED_DATA / "pretrain" / "py_code.json"
-    if not (zh.is_file() and code.is_file()):
+    if SHARED_DATA is None:
         return BUILTIN_TEXTS * 20
-    texts = []
-    with open(zh, encoding="utf-8") as f:
-        for _, line in zip(range(max_zh_docs), f):
-            texts.append(json.loads(line)["text"])
-    import ijson
-
-    with open(code, "rb") as f:
-        for _, rec in zip(range(max_code_docs), ijson.items(f, "item")):
-            texts.append(rec["content"])
-    return texts + BUILTIN_TEXTS
+    return corpus_texts(shared_corpus(SHARED_DATA))
 
 
-def build_tokenizer(save_dir: Path, tokenizer_type: str, vocab_size: int) -> Path:
+def build_tokenizer(
+    save_dir: Path, tokenizer_type: str, vocab_size: int, texts: list[str] | None = None
+) -> Path:
+    """A tokenizer trained on ``texts`` (default: ``fixture_texts()``)."""
     cfg = TokenizerTrainConfig(
         save_dir=str(save_dir),
         vocab_size=vocab_size,
@@ -54,7 +55,7 @@ def build_tokenizer(save_dir: Path, tokenizer_type: str, vocab_size: int) -> Pat
         character_coverage=0.98,
         num_threads=1,
     )
-    return train_tokenizer(fixture_texts(), cfg)
+    return train_tokenizer(fixture_texts() if texts is None else texts, cfg)
 
 
 @pytest.fixture(scope="session")

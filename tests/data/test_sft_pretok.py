@@ -30,14 +30,16 @@ def flags(data, tok_dir, save_dir, max_seq_len=96, *extra):
 
 
 @pytest.mark.parametrize(
-    "name, sft_type",
-    [("chatterbot_messages.jsonl", "conversation"), ("chatterbot_instruction.json", "instruction")],
+    "layout, sft_type", [("sft_messages", "conversation"), ("sft_instruction", "instruction")]
 )
-def test_pretokenized_items_equal_on_the_fly_items(tiny_tokenizer_dir, shared_data, tmp_path, name, sft_type):
-    source = shared_data / "sft" / name
-    # max_seq_len 96 truncates and drops some dialogues: both paths must agree on those too.
+def test_pretokenized_items_equal_on_the_fly_items(
+    tiny_tokenizer_dir, text_corpus, tmp_path, layout, sft_type
+):
+    source = getattr(text_corpus, layout)
+    # max_seq_len 96 truncates long dialogues and drops a few (shared: 16 of 2493 conversations; stdlib:
+    # none, its prompts are short): both paths must agree on those too.
     (summary,) = pretokenize_main(flags(source, tiny_tokenizer_dir, tmp_path, 96, f"--sft_type={sft_type}"))
-    assert summary["status"] == "built" and summary["n_samples"] > 2000
+    assert summary["status"] == "built" and summary["n_samples"] > 0.95 * text_corpus.n_dialogues
     for split in ("train", "valid"):
         kw = dict(sft_type=sft_type, split=split, valid_ratio=0.05, seed=1)
         fly = SFTDataset(source, tiny_tokenizer_dir, 96, **kw)
@@ -48,8 +50,8 @@ def test_pretokenized_items_equal_on_the_fly_items(tiny_tokenizer_dir, shared_da
         assert_same_items(fly, pre)
 
 
-def test_sidecar_and_files(tiny_tokenizer, tiny_tokenizer_dir, shared_data, tmp_path):
-    source = shared_data / "sft" / "chatterbot_belle.jsonl"
+def test_sidecar_and_files(tiny_tokenizer, tiny_tokenizer_dir, text_corpus, tmp_path):
+    source = text_corpus.sft_belle
     pretokenize_main(flags(source, tiny_tokenizer_dir, tmp_path, 4096))
     paths = sft_paths(source, tmp_path)
     side = json.loads(paths["sidecar"].read_text())
@@ -65,7 +67,7 @@ def test_sidecar_and_files(tiny_tokenizer, tiny_tokenizer_dir, shared_data, tmp_
     ids = np.fromfile(paths["bin"], dtype=np.uint16)
     mask = np.fromfile(paths["mask"], dtype=np.uint8)
     offsets = np.fromfile(paths["idx"], dtype=np.int64)
-    assert side["n_samples"] == len(offsets) - 1 == 2493 and side["report"]["n_bad"] == 0
+    assert side["n_samples"] == len(offsets) - 1 == text_corpus.n_dialogues and side["report"]["n_bad"] == 0
     assert side["n_tokens"] == len(ids) == len(mask) == offsets[-1] and offsets[0] == 0
     assert side["n_trainable_tokens"] == int(mask.sum()) and set(np.unique(mask).tolist()) == {0, 1}
     # Sample 0, read straight from the files, is "<|im_start|>user\n...": the human turn, then the reply.

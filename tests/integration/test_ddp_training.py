@@ -1,4 +1,5 @@
-"""The custom DDP inside the real training loop, on the real tiny Llama and the shared Chinese corpus.
+"""The custom DDP inside the real training loop, on the real tiny Llama and each real corpus (the
+standard library's text; the shared Chinese corpus when present).
 
 - 30 steps on 2 gloo ranks: ``--ddp_impl=z2all`` (overlapped, several buckets) == ``--ddp_impl=torch``
   == one process, every step's loss within 1e-4 relative (fp32).
@@ -51,8 +52,8 @@ def _train_rank(rank, world, flags, out_root):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
-    return prepare_corpus(tmp_path_factory.mktemp("corpus"), shared_data, n_docs=400)
+def corpus(tmp_path_factory, text_corpus):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"), text_corpus, n_chars=87_000)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TextCorpus
 from z2all.data.readers import iter_documents
 from z2all.tokenizer import CHAT_TEMPLATE, NUM_SPECIAL_TOKENS, SPECIAL_TOKENS, Z2allTokenizer
 
@@ -118,17 +119,18 @@ def test_fingerprint_stable_and_distinct(tok_dir, tiny_tokenizer_dir, tiny_sp_to
     assert Z2allTokenizer.from_pretrained(copy).fingerprint() != same
 
 
-def _real_texts(shared_data: Path) -> list[str]:
-    zh = list(iter_documents(shared_data / "pretrain" / "zh_fortunes.jsonl"))[::20]
-    code = list(iter_documents(shared_data / "pretrain" / "py_code.json"))[:10]
-    return zh + code + [t for t in TRICKY if "\u2581" not in t]
+def _real_texts(corpus: TextCorpus) -> list[str]:
+    """Every 20th pretraining document, the first 10 code documents, and the tricky strings."""
+    docs = list(iter_documents(corpus.pretrain))[::20]
+    code = list(iter_documents(corpus.code))[:10]
+    return docs + code + [t for t in TRICKY if "\u2581" not in t]
 
 
-def test_autotokenizer_gives_same_ids_on_real_text(tok_dir, tok, shared_data):
+def test_autotokenizer_gives_same_ids_on_real_text(tok_dir, tok, text_corpus):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 3, 0)
-    for text in _real_texts(shared_data):
+    for text in _real_texts(text_corpus):
         ids = tok.encode(text)
         assert hf.encode(text, add_special_tokens=False) == ids, text[:60]
         assert hf.decode(ids) == text

@@ -15,6 +15,15 @@ transformers = pytest.importorskip("transformers")
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "床前明月光，疑是地上霜。 def f(x): return x"]
 
 
+def first_ids(tok: Z2allTokenizer, text: str, n: int = 24) -> list[int]:
+    """The first ``n`` ids of ``text``, repeated until it has that many. Without the shared corpora the
+    tiny tokenizer is trained on these very sentences, so one copy can take fewer than ``n`` ids."""
+    copies = 1
+    while len(ids := tok.encode(" ".join([text] * copies))) < n:
+        copies += 1
+    return ids[:n]
+
+
 def test_load_model_from_run_dir_is_exact(tiny_run):
     model, cfg = load_model_from_dir(tiny_run.run_dir)
     assert cfg == tiny_run.model.config and not model.training
@@ -40,7 +49,7 @@ def test_export_loads_in_transformers_with_equal_logits(tiny_run, tmp_path):
     for text in TEXTS:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
 
-    ids = torch.tensor([tok.encode(TEXTS[0])[:24], tok.encode(TEXTS[1])[:24]])  # (2, 24)
+    ids = torch.tensor([first_ids(tok, TEXTS[0]), first_ids(tok, TEXTS[1])])  # (2, 24)
     with torch.no_grad():
         ref = tiny_run.model(ids).logits
         got = hf_model(ids).logits

@@ -1,4 +1,7 @@
-"""End to end on the real pieces: tokenizer, pretokenized shared corpus, the tiny Llama, AdamW.
+"""End to end on the real pieces: tokenizer, a pretokenized real corpus, the tiny Llama, AdamW.
+
+Every test runs on each ``text_corpus``: the standard library's text (always) and the shared Chinese
+corpus with its dialogues and preference pairs (when present).
 
 pretrain -> SFT (--init_from the pretrain run) -> DPO (--init_from the SFT run), each short, each
 checked for a falling loss; DPO's first step must give ln 2 exactly (policy == reference). The SFT
@@ -15,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.conftest import build_tokenizer
+from tests.conftest import TextCorpus
+from tests.data.conftest import build_tokenizer, corpus_texts
 from tests.dist_utils import run_distributed
+from z2all.data.readers import iter_documents
 from z2all.training.config import TrainConfig
 from z2all.training.loop import train
 from z2all.training.metrics import read_metrics
@@ -47,32 +52,40 @@ def common(out_dir: Path, tok_dir: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def prepare_corpus(root: Path, shared_data: Path, n_docs: int = 600) -> tuple[Path, Path]:
-    """(tokenizer dir, pretokenized + indexed folder) from the first ``n_docs`` shared Chinese docs."""
+def prepare_corpus(root: Path, corpus: TextCorpus, n_chars: int = 136_000) -> tuple[Path, Path]:
+    """(tokenizer dir, pretokenized + indexed folder) from the corpus's first ``n_chars`` characters:
+    whole documents, the last one cut (136k characters: about 600 shared Chinese documents, or a
+    dozen standard-library modules with their docstrings)."""
     from data_preprocess.build_pretrain_sample_index_map import IndexConfig, build_all
     from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
 
-    tok = build_tokenizer(root / "tok", "hf_bbpe", 1000)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    with open(shared_data / "pretrain" / "zh_fortunes.jsonl", encoding="utf-8") as f:
-        lines = [next(f) for _ in range(n_docs)]  # a slice in a temp folder, never in the repo
-    (corpus / "zh.jsonl").write_text("".join(lines), encoding="utf-8")
+    tok = build_tokenizer(root / "tok", "hf_bbpe", 1000, corpus_texts(corpus))
+    docs, left = [], n_chars
+    for doc in iter_documents(corpus.pretrain):
+        docs.append(doc[:left])
+        left -= len(docs[-1])
+        if not left:
+            break
+    corpus_dir = root / "corpus"  # a slice in a temp folder, never in the repo
+    corpus_dir.mkdir()
+    (corpus_dir / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
     pretok = root / "pretok"
-    pretokenize(PretokenizeConfig(data_dir=str(corpus), tokenizer_dir=str(tok), save_dir=str(pretok)))
+    pretokenize(PretokenizeConfig(data_dir=str(corpus_dir), tokenizer_dir=str(tok), save_dir=str(pretok)))
     build_all(IndexConfig(data_dir=str(pretok), max_seq_len=SEQ))
     return tok, pretok
 
 
 @pytest.fixture(scope="module")
-def world(shared_data, tmp_path_factory):
-    """Tokenizer + a pretokenized slice of the shared Chinese corpus + a short pretrain run."""
+def world(text_corpus, tmp_path_factory):
+    """Tokenizer + a pretokenized slice of the corpus + a short pretrain run."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("real")
-    tok, pretok = prepare_corpus(root, shared_data)
+    tok, pretok = prepare_corpus(root, text_corpus)
     cfg = common(root / "pretrain", tok, task_type="pretrain", data_dir=str(pretok), max_iters=30)
     train(cfg)
-    return {"root": root, "tok": tok, "pretok": pretok, "pretrain": Path(cfg.out_dir), "shared": shared_data}
+    return {"root": root, "tok": tok, "pretok": pretok, "pretrain": Path(cfg.out_dir), "corpus": text_corpus}
 
 
 def test_pretrain_loss_falls(world):
@@ -92,7 +105,7 @@ def _sft_cfg(world, out_dir: Path, **kw) -> TrainConfig:
     base = dict(
         task_type="sft",
         init_from=str(world["pretrain"]),
-        data_dir=str(world["shared"] / "sft" / "chatterbot_messages.jsonl"),
+        data_dir=str(world["corpus"].sft_messages),
         max_iters=20,
         learning_rate=2e-3,
     )
@@ -118,7 +131,7 @@ def _dpo_pairs(world, n: int = 32) -> Path:
     pairs = world["root"] / f"dpo{n}" / "pairs.jsonl"
     if not pairs.is_file():
         pairs.parent.mkdir(exist_ok=True)
-        with open(world["shared"] / "dpo" / "chatterbot_pairs.jsonl", encoding="utf-8") as f:
+        with open(world["corpus"].dpo_pairs, encoding="utf-8") as f:
             pairs.write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
     return pairs
 

@@ -1,8 +1,9 @@
 """train_my_ddp.py as users run it: flag snapshot, shipped configs, errors, and the real launcher.
 
-The integration test runs the real entry point on the tiny model and a pretokenized slice of the
-shared corpus: one process for 6 steps, versus torchrun with 2 ranks for steps 1..4 resumed on ONE
-process for steps 5..6 (a world-size change on resume). Every step's loss must agree to 1e-4
+The integration test runs the real entry point on the tiny model and a pretokenized slice of each
+real corpus (the standard library's text; the shared Chinese corpus when present): one process for
+6 steps, versus torchrun with 2 ranks for steps 1..4 resumed on ONE process for steps 5..6 (a
+world-size change on resume). Every step's loss must agree to 1e-4
 (relative, fp32): 1 rank == 2 ranks, and resume continues the same trajectory.
 """
 
@@ -86,8 +87,8 @@ def test_help_and_errors_from_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(shared_data, tmp_path):
-    tok, pretok = prepare_corpus(tmp_path, shared_data, n_docs=300)
+def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(text_corpus, tmp_path):
+    tok, pretok = prepare_corpus(tmp_path, text_corpus, n_chars=66_000)
     flags = [
         f"--data_dir={pretok}",
         f"--tokenizer_dir={tok}",
