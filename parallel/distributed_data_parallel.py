@@ -153,6 +153,7 @@ class DistributedDataParallel(nn.Module):
         self._next_bucket = 0  # buckets [0, _next_bucket) have been launched this iteration
         self._grads_synced = False  # finish_grad_sync() ran; main grads hold averages
         self._locally_used: set[nn.Parameter] = set()  # got a gradient on this rank (any micro-step)
+        self._pending_flags: tuple[torch.Tensor, dist.Work] | None = None  # see _sync_unused_params
         self._local_finite: list[torch.Tensor] = []  # check_for_nan_in_grad: per launched bucket, on device
         self._sync_enabled = True  # False inside no_sync()
         self._backward_seen = False
@@ -330,14 +331,21 @@ class DistributedDataParallel(nn.Module):
 
     def _sync_unused_params(self) -> list[nn.Parameter]:
         """All-reduce (MAX) one byte per parameter, 1 if it got a gradient on this rank this iteration;
-        return the parameters that got none on any rank."""
+        return the parameters that got none on any rank.
+
+        When every parameter got a gradient here, nothing is unused anywhere and the result is not
+        needed: the collective is left in flight (waited for in ``zero_grad_buffer()``) instead of
+        costing this rank a round trip now.
+        """
         device = self.buckets[0].grad_data.device
         flags = torch.tensor(
             [p in self._locally_used for p in self._params], dtype=torch.uint8, device=device
         )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)  # NCCL: no host sync
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group, async_op=True)
         if len(self._locally_used) == len(self._params):
-            return []  # all used here, so used somewhere: the flags need not be read (no host sync)
+            self._pending_flags = (flags, work)  # keeps the tensor alive until the collective is done
+            return []
+        work.wait()
         return [p for p, used in zip(self._params, flags.tolist(), strict=True) if not used]
 
     def zero_grad_buffer(self) -> None:
@@ -349,6 +357,9 @@ class DistributedDataParallel(nn.Module):
         for fut in self._futures:
             if fut is not None and not fut.done():
                 fut.wait()  # never zero a buffer a collective may still write into
+        if self._pending_flags is not None:
+            self._pending_flags[1].wait()
+            self._pending_flags = None
         for buf in self.param_and_grad_buffers:
             buf.zero_grad_buffer()
         self._attach_grad_views()
