@@ -117,6 +117,9 @@ class DistributedDataParallel(nn.Module):
                     first_bucket_size=config.first_bucket_size if key == first_group else config.bucket_size,
                     alignment=config.bucket_alignment,
                     first_bucket_index=0,
+                    # The buffer of the first registered parameter holds the globally last bucket:
+                    # room there for the used-parameter flags (one element per parameter).
+                    tail_reserve=len(params) if any(p is params[0] for p in group_params) else 0,
                 )
             )
         # Global collective order = expected readiness (module docstring): a bucket is ready once its
@@ -128,6 +131,10 @@ class DistributedDataParallel(nn.Module):
         )
         for i, b in enumerate(self.buckets):
             b.index = i
+        last = self.buckets[-1]
+        # Used-parameter flags ride in the last bucket's padding through the default all-reduce
+        # (``_sync_unused_params``): no extra collective. Averaging divides them by W; > 0 means used.
+        self._flags_slot = last.grad_data[last.numel_unpadded : last.numel_unpadded + len(params)]
         self._params = params  # registration order: the order of the used-flags vector
         self._param_to_bucket: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._grad_buckets = [
@@ -162,7 +169,8 @@ class DistributedDataParallel(nn.Module):
         (their ``.grad`` is None, so an optimizer leaves them, weight decay and momentum included)."""
 
         self._grad_is_view: set[nn.Parameter] = set()
-        self._attach_grad_views()
+        self._plan_grad_views()
+        self._reset_grads()
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
         logger.info(
             "DDP: %d params in %d buffer(s), %d bucket(s) %s, world %d, overlap=%s",
@@ -204,10 +212,15 @@ class DistributedDataParallel(nn.Module):
             )
         main_grad = param.main_grad
         if grad is not main_grad and grad.data_ptr() != main_grad.data_ptr():
-            # A fresh .grad (grad dtype != param dtype, or .grad was set to None by the user): fold it
-            # into the buffer and free it. Otherwise AccumulateGrad already added in place into
-            # main_grad (the view we made param.grad), as torch DDP's gradient_as_bucket_view does.
-            main_grad.add_(grad)  # fp32 main_grad += bf16 grad upcasts exactly
+            # A fresh .grad: the first gradient of this iteration (``.grad`` is None after
+            # zero_grad_buffer()), or grad dtype != param dtype, or the user set .grad to None. The
+            # first one overwrites main_grad (which holds last iteration's values: no memset needed),
+            # later ones add; the fresh tensor is freed. Otherwise AccumulateGrad already added in
+            # place into main_grad (the view we made .grad), as torch DDP's gradient_as_bucket_view.
+            if param in self._locally_used:
+                main_grad.add_(grad)  # fp32 main_grad += bf16 grad upcasts exactly
+            else:
+                main_grad.copy_(grad)
             param.grad = main_grad if param in self._grad_is_view else None
         self._locally_used.add(param)
         if not self._sync_enabled:
@@ -226,7 +239,20 @@ class DistributedDataParallel(nn.Module):
         assert bucket.index == self._next_bucket, "collectives must be issued in bucket order"
         gb = self._grad_buckets[bucket.index]
         gb._reset()
+        if bucket is self.buckets[-1] and self._flags_ride_along:
+            # The last bucket is launched once this rank's usage is final: every bucket before it is
+            # complete, or we are in finish_grad_sync() (a bucket with an unused parameter never
+            # completes during backward, so it holds the prefix back until then).
+            if len(self._locally_used) == len(self._params):
+                self._flags_slot.fill_(1)
+            else:
+                used = [p in self._locally_used for p in self._params]
+                self._flags_slot.copy_(torch.tensor(used, dtype=self._flags_slot.dtype))
         gb._all_used = all(p in self._locally_used for p in bucket.params)
+        if not gb._all_used:
+            for p in bucket.params:  # no gradient here this iteration: its slot still holds the last one
+                if p not in self._locally_used:
+                    p.main_grad.zero_()
         if self.config.check_for_nan_in_grad:
             # A device tensor, read once in finish_grad_sync(): no host sync inside backward.
             self._local_finite.append(torch.isfinite(bucket.grad_data).all())
@@ -248,17 +274,23 @@ class DistributedDataParallel(nn.Module):
         self._futures[bucket.index] = fut
         self._next_bucket += 1
 
-    def _attach_grad_views(self) -> None:
-        """Make ``param.grad`` the (zeroed) ``main_grad`` view wherever dtypes allow, so backward's
-        AccumulateGrad adds straight into the grad buffer: no extra gradient tensor, no copy."""
+    def _plan_grad_views(self) -> None:
+        """Which parameters' ``.grad`` becomes the ``main_grad`` view once their gradient arrived: all
+        whose grad dtype is the param dtype, unless only shards are valid (reduce-scatter, no hook)."""
         self._grad_is_view = {
             p
             for b in self.buckets
             if self._sets_grad and b.grad_data.dtype == b.param_data.dtype
             for p in b.params
         }
-        for p in self._param_to_bucket:
-            p.grad = p.main_grad if p in self._grad_is_view else None
+
+    def _reset_grads(self) -> None:
+        """Start an iteration: every ``.grad`` None (torch's ``zero_grad(set_to_none=True)``), so the
+        first gradient of each parameter arrives as a fresh tensor that the hook copies into
+        ``main_grad``: no memset of the grad buffer per step. Where dtypes allow, the hook then makes
+        ``.grad`` the ``main_grad`` view, so further micro-steps accumulate straight into the buffer."""
+        for p in self._params:
+            p.grad = None
 
     @property
     def _sets_grad(self) -> bool:
@@ -329,30 +361,47 @@ class DistributedDataParallel(nn.Module):
         if after_grad_sync is not None:
             after_grad_sync()  # e.g. the overlapped optimizer's deferred steps (bucket.py)
 
-    def _sync_unused_params(self) -> list[nn.Parameter]:
-        """All-reduce (MAX) one byte per parameter, 1 if it got a gradient on this rank this iteration;
-        return the parameters that got none on any rank.
+    @property
+    def _flags_ride_along(self) -> bool:
+        """The used-parameter flags travel in the last bucket's padding: only through our own all-reduce
+        (a hook may transform or not reduce padding; a reduce-scatter leaves it on one rank only)."""
+        return self._comm_hook is None and not self.config.use_distributed_optimizer
 
-        When every parameter got a gradient here, nothing is unused anywhere and the result is not
-        needed: the collective is left in flight (waited for in ``zero_grad_buffer()``) instead of
-        costing this rank a round trip now.
+    def _sync_unused_params(self) -> list[nn.Parameter]:
+        """The parameters that got no gradient on ANY rank this iteration (all buckets are complete).
+
+        Default path: the flags came with the last bucket's all-reduce. With a comm hook or
+        reduce-scatter: one all-reduce (MAX) of a byte per parameter, after every bucket COMPLETED,
+        so it has the same place on every rank even for hooks that issue collectives from Future
+        callbacks (torch's powerSGD_hook does). Either way, when every parameter got a gradient here
+        nothing is unused anywhere, and the flags are not read (no host sync).
         """
+        all_used_here = len(self._locally_used) == len(self._params)
+        if self._flags_ride_along:
+            if all_used_here:
+                self._flags_slot.zero_()  # padding is zero between iterations
+                return []
+            flags = self._flags_slot.tolist()
+            self._flags_slot.zero_()
+            return [p for p, f in zip(self._params, flags, strict=True) if f == 0]
         device = self.buckets[0].grad_data.device
         flags = torch.tensor(
             [p in self._locally_used for p in self._params], dtype=torch.uint8, device=device
         )
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group, async_op=True)
-        if len(self._locally_used) == len(self._params):
-            self._pending_flags = (flags, work)  # keeps the tensor alive until the collective is done
+        if all_used_here:
+            self._pending_flags = (flags, work)  # keeps the tensor alive; waited in zero_grad_buffer()
             return []
         work.wait()
         return [p for p, used in zip(self._params, flags.tolist(), strict=True) if not used]
 
     def zero_grad_buffer(self) -> None:
-        """Zero every main grad and reset per-iteration bucket state.
+        """End the iteration: forget its gradients and reset per-iteration bucket state.
 
-        Afterwards ``param.grad`` is the zeroed ``main_grad`` view for same-dtype grads (backward
-        accumulates straight into the buffer) and None for the others.
+        Afterwards every ``param.grad`` is None, as after torch's ``optimizer.zero_grad()``. The grad
+        buffer is not memset: each parameter's first gradient of the next iteration overwrites its
+        ``main_grad`` (a parameter that gets none has its slot zeroed before its bucket is reduced),
+        so ``main_grad`` is meaningful only after ``finish_grad_sync()``.
         """
         for fut in self._futures:
             if fut is not None and not fut.done():
@@ -361,8 +410,8 @@ class DistributedDataParallel(nn.Module):
             self._pending_flags[1].wait()
             self._pending_flags = None
         for buf in self.param_and_grad_buffers:
-            buf.zero_grad_buffer()
-        self._attach_grad_views()
+            buf.reset()  # main grads are overwritten by the next backward: not zeroed here
+        self._reset_grads()
         self._futures = [None] * len(self.buckets)
         self._next_bucket = 0
         self._grads_synced = False
@@ -379,7 +428,7 @@ class DistributedDataParallel(nn.Module):
         if self._backward_seen:
             raise RuntimeError("register_comm_hook must be called before the first backward")
         self._comm_hook, self._comm_hook_state = hook, state
-        self._attach_grad_views()  # a hook makes the whole buffer valid even with the distributed optimizer
+        self._plan_grad_views()  # a hook makes the whole buffer valid even with the distributed optimizer
 
     def bucket_layout(self) -> list[list]:
         """``[[padded numel, [param names]], ...]`` in bucket-index order: what per-bucket hook state

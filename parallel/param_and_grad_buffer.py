@@ -12,7 +12,9 @@ Layout invariants (tested in tests/parallel/test_buffers.py):
   * every bucket starts where the previous one ends and its length (padding included) is a
     multiple of ``lcm(data-parallel size, alignment)``, so shard r of bucket b, the r-th 1/W
     slice ``[start + r*L/W, start + (r+1)*L/W)``, is equal-sized and aligned on every rank;
-  * padding elements are never a view of any parameter and stay zero in both buffers;
+  * padding elements are never a view of any parameter and stay zero in both buffers, except the
+    ``tail_reserve`` elements right after the last bucket's last parameter, which the DDP may use to
+    carry its used-parameter flags inside that bucket's all-reduce (zero again after each sync);
   * the buffer's first bucket is closed at ``first_bucket_size`` elements, later ones at
     ``bucket_size`` (a parameter is never split, so a bucket whose first parameter alone exceeds the
     cap, e.g. an untied ``lm_head``, is exactly that parameter).
@@ -68,8 +70,10 @@ class ParamAndGradBuffer:
         first_bucket_size: int | None,
         alignment: int,
         first_bucket_index: int,
+        tail_reserve: int = 0,
     ):
-        """``params`` in registration order; buckets get global ids from ``first_bucket_index`` on."""
+        """``params`` in registration order; buckets get global ids from ``first_bucket_index`` on;
+        the last bucket gets ``tail_reserve`` spare elements after its parameters (its padding)."""
         if not params:
             raise ValueError("ParamAndGradBuffer needs at least one parameter")
         self.param_dtype = param_dtype
@@ -102,6 +106,9 @@ class ParamAndGradBuffer:
                 close()
         if cur:
             close()
+        if tail_reserve:
+            last, last_offsets, last_numel, _ = plan[-1]
+            plan[-1] = (last, last_offsets, last_numel, _pad(last_numel + tail_reserve, self.pad_multiple))
 
         self.numel = sum(padded for *_, padded in plan)
         # Zero-initialised so padding is zero from the start and never changes (no param views it).

@@ -169,10 +169,11 @@ def _unused_and_out_of_order(rank, world_size):
     return out
 
 
-def _adamw_three_ways(rank, world_size, per_rank_order, unused: bool, steps=4):
+def _adamw_three_ways(rank, world_size, per_rank_order, unused: bool, steps=4, odd_steps_order=None):
     """AdamW(weight_decay=0.1) for ``steps`` steps: ours, torch DDP (find_unused_parameters) and one
     process that computes the world's mean loss itself. Returns the final parameters of each (flat)
-    and which of ours were unused on every rank at the last step."""
+    and which of ours were unused on every rank at the last step. ``odd_steps_order``: per-rank forward
+    orders for odd steps (usage that changes from step to step), else ``per_rank_order`` always."""
     torch.manual_seed(0)
     base = TinyNet(order=per_rank_order[rank], unused=unused)
     ref_model, single = copy.deepcopy(base), copy.deepcopy(base)
@@ -186,6 +187,8 @@ def _adamw_three_ways(rank, world_size, per_rank_order, unused: bool, steps=4):
     opts = [adamw(ref.parameters()), adamw(ours.parameters()), adamw(single.parameters())]
     all_data = [batches(r, steps, 1) for r in range(world_size)]
     for step in range(steps):
+        orders = odd_steps_order if odd_steps_order is not None and step % 2 else per_rank_order
+        base.order = ref_model.order = tuple(orders[rank])
         x, y = all_data[rank][step][0]
         for model in (ref, ours):
             nn.functional.mse_loss(model(x), y).backward()
@@ -193,7 +196,7 @@ def _adamw_three_ways(rank, world_size, per_rank_order, unused: bool, steps=4):
         # The single process: mean over ranks of each rank's loss, with that rank's forward order.
         total = 0.0
         for r in range(world_size):
-            single.order = tuple(per_rank_order[r])
+            single.order = tuple(orders[r])
             xr, yr = all_data[r][step][0]
             total = total + nn.functional.mse_loss(single(xr), yr) / world_size
         total.backward()
@@ -221,6 +224,11 @@ def _adamw_unused(rank, world_size):
         "unused everywhere": _adamw_three_ways(rank, world_size, [(0, 1, 2), (0, 1, 2)], unused=True),
         # Block 1 runs on rank 0 only: it must get rank 0's gradient / 2 and move like the others.
         "block 1 on rank 0 only": _adamw_three_ways(rank, world_size, [(0, 1, 2), (0, 2)], unused=False),
+        # Usage changes per step: block 1 everywhere on even steps, on no rank on odd ones, so its
+        # grad-buffer slot holds the previous step's gradient when its bucket is reduced.
+        "block 1 on even steps": _adamw_three_ways(
+            rank, world_size, [(0, 1, 2), (0, 1, 2)], unused=False, odd_steps_order=[(0, 2), (2, 0)]
+        ),
     }
 
 

@@ -52,12 +52,20 @@ def _wrapper_behaviour(rank, world_size):
     # (excluding) the one holding the unused layer has been launched; the rest wait for finish.
     x, y = batches(rank, 1, 1)[0][0]
     ddp.reset_comm_stats()
-    _step(ddp, x, y)
-    unused_bucket = ddp._param_to_bucket[model.unused.weight].index
-    out["launched_in_backward"] = ddp._next_bucket
-    out["unused_bucket"] = unused_bucket
-    out["n_buckets"] = len(ddp.buckets)
-    ddp.finish_grad_sync()
+    calls = []
+    all_reduce = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1]
+    try:
+        _step(ddp, x, y)
+        unused_bucket = ddp._param_to_bucket[model.unused.weight].index
+        out["launched_in_backward"] = ddp._next_bucket
+        out["unused_bucket"] = unused_bucket
+        out["n_buckets"] = len(ddp.buckets)
+        ddp.finish_grad_sync()
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    # The used-parameter flags ride in the last bucket's all-reduce: one collective per bucket, no more.
+    out["all_reduce_calls"] = len(calls)
     out["comm_bytes"] = ddp.comm_bytes
     out["expected_bytes"] = sum((b.end - b.start) * 4 for b in ddp.buckets)
     unused = {id(p) for p in model.unused.parameters()}
@@ -73,12 +81,21 @@ def _wrapper_behaviour(rank, world_size):
     out["no_zero_error"] = _raises(_step, ddp, x, y)
     out["late_hook_error"] = _raises(ddp.register_comm_hook, None, lambda s, b: None)
     ddp.zero_grad_buffer()
-    # fp32: .grad is the zeroed main_grad view again, so backward accumulates into the buffer.
-    out["grads_cleared"] = all(
-        p.grad is not None and p.grad.data_ptr() == p.main_grad.data_ptr() and not p.grad.any()
-        for p in model.parameters()
+    # .grad is None (as after torch's optimizer.zero_grad()); the buffer is not memset: the next
+    # backward overwrites each main_grad with its first gradient, then .grad is the view again.
+    out["grads_cleared"] = all(p.grad is None for p in model.parameters())
+    _step(ddp, x, y)
+    out["grad_views_again"] = all(
+        p.grad is not None and p.grad.data_ptr() == p.main_grad.data_ptr()
+        for n, p in model.named_parameters()
+        if not n.startswith("unused")
     )
-    out["buffer_zero"] = all(bool((b.grad_data == 0).all()) for b in ddp.buckets)
+    ddp.finish_grad_sync()
+    # The unused layer's slot held last iteration's (zero) gradient; padding was never written.
+    out["buffer_zero"] = bool((model.unused.weight.main_grad == 0).all()) and all(
+        bool((b.grad_data[b.numel_unpadded :] == 0).all()) for b in ddp.buckets
+    )
+    ddp.zero_grad_buffer()
     ddp.reset_comm_stats()
     out["comm_bytes_reset"] = ddp.comm_bytes
     # A second backward outside no_sync() in one iteration is an error, not silent double counting.
@@ -110,12 +127,15 @@ def test_wrapper_broadcast_state_dict_overlap_comm_bytes_and_misuse(results):
         assert 0 < r["unused_bucket"] < r["n_buckets"] - 1, "test model must put the unused layer mid-way"
         assert r["launched_in_backward"] == r["unused_bucket"], "buckets before the unused one must overlap"
         assert r["comm_bytes"] == r["expected_bytes"]
+        assert r["all_reduce_calls"] == r["n_buckets"]
         assert (
             r["grad_is_view"] and r["unused_grad_none"] and r["unused_listed"] and r["unused_main_grad_zero"]
         )
         assert "zero_grad_buffer" in r["no_zero_error"]
         assert "before the first backward" in r["late_hook_error"]
-        assert r["grads_cleared"] and r["buffer_zero"] and r["comm_bytes_reset"] == 0
+        assert (
+            r["grads_cleared"] and r["grad_views_again"] and r["buffer_zero"] and r["comm_bytes_reset"] == 0
+        )
         assert "already launched" in r["double_backward_error"] and "no_sync" in r["double_backward_error"]
 
 
