@@ -14,7 +14,8 @@ default settings, and the per-round paired ratios (median, min, max over rounds)
     python benchmarks/bench_ddp_step.py --mode train_loop              # z2all.training step, tiny
 
 ``--mode train_loop`` times the real training step instead (``train_loop_worker``): the Llama ``tiny``
-preset through ``z2all.training.train`` with ``--ddp_impl=z2all`` vs ``--ddp_impl=torch``.
+preset through ``z2all.training.train`` with ``--ddp_impl=z2all`` vs ``--ddp_impl=torch``, which runs
+torch DDP on its default path (C++ all-reduce, no Python comm hook): the reference's best path.
 """
 
 from __future__ import annotations
