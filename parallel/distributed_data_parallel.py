@@ -2,19 +2,22 @@
 
 Data flow of one iteration (design page with the full picture: ``docs/ddp.md``)::
 
-    backward: AccumulateGrad(p): p.grad += g in place, p.grad being the p.main_grad view (same dtype;
-              otherwise a fresh p.grad that the post-accumulate hook adds into main_grad and frees)
-              -> post-accumulate hook marks p used and ready in its bucket
+    backward: AccumulateGrad(p): p.grad is None at p's first gradient of the iteration -> a fresh
+              tensor, which the post-accumulate hook copies into p.main_grad (no memset of the buffer
+              per step) before making p.grad the main_grad view (same dtype), so later micro-steps
+              add in place; the hook marks p used, and ready in its bucket
               bucket complete?  -> launch every complete bucket from ``_next_bucket`` on, in index
-                                   order: hook(state, GradBucket) -> Future (async collective)
-    finish_grad_sync(): launch the rest in index order, then the used-parameter flags (one small
-              all-reduce, MAX); wait all Futures; p.grad = averaged grad, or None for a parameter
-              that got no gradient on ANY rank (as torch DDP with find_unused_parameters=True)
-    optimizer.step(); zero_grad_buffer()
+                                   order: hook(state, GradBucket) -> Future (async collective); the
+                                   last bucket's padding carries one "used here" flag per parameter
+    finish_grad_sync(): launch the rest in index order; wait all Futures; p.grad = averaged grad, or
+              None for a parameter that got no gradient on ANY rank (as torch DDP with
+              find_unused_parameters=True)
+    optimizer.step(); zero_grad_buffer()  (every p.grad None again)
 
 THE ordering invariant (why there is no hang and no corruption with gloo or NCCL): on every rank,
 collectives are issued in strictly increasing global bucket index, each bucket exactly once per
-iteration, followed by exactly one used-flags all-reduce. Launched buckets always form a prefix
+iteration (with a comm hook or reduce-scatter, followed by one all-reduce of the used flags, issued
+after every bucket completed). Launched buckets always form a prefix
 ``[0, _next_bucket)``. A bucket whose gradients arrive early (out-of-order backward) waits until all
 lower buckets are complete; a bucket holding a parameter that got no gradient this step (unused)
 never completes during backward, so it and all later buckets are launched by ``finish_grad_sync()``,
