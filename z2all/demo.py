@@ -234,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
             "--temperature=0",
         ]
     )
+    # The demo's results go to stdout (after the sample the chat step printed there); logs to stderr.
     for name in ("pretrain", "sft"):
         first, last, steps = _loss_ends(runs / name)
-        log.info("%s: loss %.3f at step 1 -> %.3f at step %d", name, first, last, steps)
+        print(f"{name}: loss {first:.3f} at step 1 -> {last:.3f} at step {steps}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Library modules log through ``logging.getLogger(__name__)`` and never ``print``. Entry points call
 :func:`setup_logging` once: only rank 0 logs at INFO unless ``debug`` is set, in which case every rank
 logs and each line carries its rank.
+
+Log lines go to stderr, in every entry point: stdout carries a tool's results only (the text
+``python -m z2all.sample`` generates, the report of ``python -m z2all.env``), so
+``python -m z2all.sample ... > out.txt`` captures the text alone.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def env_rank() -> int:
 def setup_logging(rank: int | None = None, debug: bool = False) -> logging.Logger:
     """Configure the ``z2all``/``parallel``/``optimizer``/``data_preprocess`` loggers; idempotent."""
     rank = env_rank() if rank is None else rank
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s] %(message)s", "%H:%M:%S")
     )

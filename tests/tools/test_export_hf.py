@@ -3,6 +3,10 @@ load_model_from_dir reads run folders, single checkpoints and Hugging Face folde
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +124,108 @@ def test_model_loading_names_still_importable_from_checkpoint():
     assert checkpoint.load_model_from_dir is model_loading.load_model_from_dir
     assert checkpoint.find_tokenizer_dir is model_loading.find_tokenizer_dir
     assert checkpoint._run_model_config is model_loading._run_model_config
+
+
+# --- where an export may go -------------------------------------------------------------------------
+PROG_ERROR = "python -m z2all.export_hf: error: "
+
+
+def refused(capsys, argv: list[str]) -> str:
+    """The usage error ``main(argv)`` exits with (status 2, like any bad flag)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert PROG_ERROR in err
+    return err
+
+
+def test_export_into_its_own_run_folder_is_refused_from_the_command_line(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cmd = [sys.executable, "-m", "z2all.export_hf", f"--out_dir={run}", f"--save_dir={run}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert f"{PROG_ERROR}--save_dir={run}: {run} is a z2all run folder (it holds " in res.stderr
+    # --overwrite never makes a run folder a valid target.
+    refused(capsys, ["--out_dir", str(run), "--save_dir", str(run), "--overwrite"])
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # config.json untouched: --resume still works
+
+
+@pytest.mark.parametrize(
+    "marker", ["metrics.jsonl", "run_info.json", "step_000007/", "config.json", "manifest.json"]
+)
+@pytest.mark.parametrize("below", ["", "exports/hf"])
+def test_a_target_in_or_below_any_run_folder_is_refused(tiny_run, tmp_path, capsys, marker, below):
+    other_run = tmp_path / "other_run"  # a fresh run holds only config.json; a checkpoint, manifest.json
+    if marker.endswith("/"):
+        (other_run / marker).mkdir(parents=True)
+    else:
+        other_run.mkdir()
+        text = '{"task_type": "sft"}' if marker == "config.json" else "{}"
+        (other_run / marker).write_text(text)
+    target = other_run / below if below else other_run
+    err = refused(capsys, ["--out_dir", str(tiny_run.run_dir), "--save_dir", str(target)])
+    assert f"{other_run} is a z2all run folder (it holds {marker}" in err
+    assert sorted(p.name for p in other_run.iterdir()) == [marker.rstrip("/")]
+
+
+def test_non_empty_target_needs_overwrite_and_overwrite_replaces_only_an_export(tiny_run, tmp_path, capsys):
+    run = ["--out_dir", str(tiny_run.run_dir)]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    err = refused(capsys, [*run, "--save_dir", str(notes)])
+    assert f"--save_dir={notes} is not empty" in err and "--overwrite" in err
+    err = refused(capsys, [*run, "--save_dir", str(notes), "--overwrite"])
+    assert f"--save_dir={notes} is not empty and is not a Hugging Face model folder" in err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    err = refused(capsys, [*run, "--save_dir", str(a_file)])
+    assert f"--save_dir={a_file} exists and is not a folder" in err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hf = main([*run, "--save_dir", str(empty)])  # an empty folder needs no --overwrite
+    assert (hf / "model.safetensors").is_file()
+    (hf / "stale.bin").write_bytes(b"from an older export")
+    assert f"--save_dir={hf} is not empty" in refused(capsys, [*run, "--save_dir", str(hf)])
+    main([*run, "--save_dir", str(hf), "--overwrite", "--dtype", "bfloat16"])
+    assert "stale.bin" not in {p.name for p in hf.iterdir()}  # replaced whole, not merged
+    assert '"dtype": "bfloat16"' in (hf / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "notes"]  # no temp folders left
+
+    # An export re-read as --out_dir may not replace itself or a folder above it.
+    for target in (hf, tmp_path):
+        err = refused(capsys, ["--out_dir", str(hf), "--save_dir", str(target), "--overwrite"])
+        assert f"--save_dir={target} holds the --out_dir={hf} being exported" in err
+    # A symlinked --save_dir: the folder it names gets the export, the link stays a link.
+    link = tmp_path / "link"
+    link.symlink_to(empty, target_is_directory=True)
+    main([*run, "--save_dir", str(link), "--overwrite"])
+    assert link.is_symlink() and (empty / "model.safetensors").is_file()
+
+
+def test_a_failed_export_leaves_no_complete_looking_folder(tiny_run, tmp_path, monkeypatch):
+    """The export is built in a hidden temp folder beside the target and renamed onto it at the end, so
+    a crash (here: while copying the tokenizer, after the weights and config.json were written) leaves
+    no target, or the previous export untouched."""
+    import z2all.export_hf as export_module
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    previous = export_hf(tiny_run.run_dir, tmp_path / "previous")
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    monkeypatch.setattr(export_module, "copy_tokenizer_files", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(tiny_run.run_dir, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # nothing else, hidden or not
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(tiny_run.run_dir, previous, dtype="bfloat16", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # nothing else, hidden or not
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before

@@ -3,6 +3,10 @@ prompts use the ChatML template and stop at <|im_end|>; sampling is reproducible
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from z2all.data.chat import render_chat
@@ -44,6 +48,20 @@ def test_sampling_is_seeded_and_cli_runs(tiny_run, capsys):
     assert a != sample(model, tok, "abc", seed=2, **kw)
     texts = main([f"--out_dir={tiny_run.run_dir}", "--prompt=Hi", "--chat", "--max_new_tokens=5", "--seed=3"])
     assert capsys.readouterr().out.endswith(texts[0] + "\n")
+
+
+def test_cli_stdout_holds_only_the_generated_text(tiny_run):
+    """``python -m z2all.sample ... > out.txt`` captures the text alone; the log lines go to stderr."""
+    model, tok = load_for_sampling(tiny_run.run_dir)
+    (text,) = sample(model, tok, "Hi", max_new_tokens=6, temperature=0.0)
+    cmd = [sys.executable, "-m", "z2all.sample", f"--out_dir={tiny_run.run_dir}", "--prompt=Hi"]
+    cmd += ["--max_new_tokens=6", "--temperature=0", "--device=cpu"]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    res = subprocess.run(cmd, capture_output=True, timeout=300, env=env)  # bytes: no newline translation
+    out, err = res.stdout.decode("utf-8"), res.stderr.decode("utf-8")
+    assert res.returncode == 0, err
+    assert out == "Hi" + text + "\n"
+    assert f"loaded model from {tiny_run.run_dir / 'step_000002'}" in err
 
 
 def test_cut_at_stop():
