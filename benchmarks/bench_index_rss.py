@@ -25,7 +25,7 @@ import numpy as np
 
 from data_preprocess.build_pretrain_sample_index_map import build_index
 from z2all.atomic import atomic_write_json
-from z2all.data.pretrain_dataset import BIN_FORMAT, sidecar_path
+from z2all.data.pretrain_dataset import BIN_FORMAT, sidecar_path, write_manifest
 
 _CHILD = r"""
 import json, sys
@@ -76,6 +76,7 @@ def make_corpus(folder: Path, size_mb: int, seq_len: int) -> int:
     with open(path, "wb") as f:
         for lo in range(0, num_tokens, 1 << 24):  # 32 MB at a time
             f.write(rng.integers(0, 32000, min(1 << 24, num_tokens - lo), dtype=np.uint16).tobytes())
+    bin_id = uuid.uuid4().hex
     atomic_write_json(
         sidecar_path(path),
         {
@@ -87,9 +88,11 @@ def make_corpus(folder: Path, size_mb: int, seq_len: int) -> int:
             "num_tokens": num_tokens,
             "num_documents": 0,
             "bin_bytes": num_tokens * 2,
-            "bin_id": uuid.uuid4().hex,
+            "bin_id": bin_id,
+            "max_token_id": 31999,
         },
     )
+    write_manifest(folder, {path: bin_id}, {})  # what a finished pretokenize run leaves
     build_index(path, seq_len)
     return num_tokens
 

@@ -16,6 +16,11 @@ Invariants:
   only about ``num_workers + 2`` chunks are in flight whatever the file size.
 * Idempotent: a file whose sidecar matches the source (size, mtime), the tokenizer fingerprint, the text
   field and the ``.bin`` size is skipped.
+* Finished or not marked: the run deletes ``save_dir``'s manifest before it changes anything and writes
+  it (``z2all.data.pretrain_dataset.write_manifest``) after the last sidecar, only if every source was
+  read (or ``--allow_bad_files``). A source that cannot be read (``DataFileError``) is skipped, its old
+  output removed, and reported at the end; the other files are still written, so a rerun after fixing it
+  redoes only that file. Without a manifest the index builder and the dataset refuse the folder.
 """
 
 from __future__ import annotations
@@ -32,9 +37,19 @@ from pathlib import Path
 import numpy as np
 
 from z2all.atomic import atomic_write_json, fsync_dir
-from z2all.data.pretrain_dataset import BIN_FORMAT, PretokFormatError, read_sidecar, sidecar_path, token_dtype
-from z2all.data.readers import ReadStats, iter_documents, list_data_files
+from z2all.data.pretrain_dataset import (
+    BIN_FORMAT,
+    MANIFEST_NAME,
+    PretokFormatError,
+    read_sidecar,
+    remove_manifest,
+    sidecar_path,
+    token_dtype,
+    write_manifest,
+)
+from z2all.data.readers import DataFileError, ReadStats, iter_documents, list_data_files
 from z2all.tokenizer import Z2allTokenizer
+from z2all.tokenizer.chunked import DEFAULT_MAX_CHARS, encode_long
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +73,9 @@ class PretokenizeConfig:
     last chunks of a run keep every worker busy, large enough that IPC is noise)."""
     force: bool = False
     """Rewrite even up-to-date outputs."""
+    allow_bad_files: bool = False
+    """Mark the output complete (manifest, exit 0) even when some source files cannot be read; they are
+    left out of the corpus and listed in the manifest. Without it such a run exits 2 and marks nothing."""
 
     def __post_init__(self):
         if not self.data_dir or not self.tokenizer_dir:
@@ -74,10 +92,12 @@ class PretokenizeConfig:
 class FileResult:
     source: Path
     bin_path: Path
-    skipped: bool
+    skipped: bool  # up to date: not rewritten (the counts come from its sidecar)
     num_tokens: int = 0
     num_documents: int = 0
     stats: ReadStats = field(default_factory=ReadStats)
+    error: str = ""  # why the source could not be read; then there is no .bin
+    bin_id: str = ""  # of the .bin's sidecar (what the manifest records)
 
 
 def plan_outputs(data_dir: Path, save_dir: Path) -> list[tuple[Path, Path]]:
@@ -87,7 +107,7 @@ def plan_outputs(data_dir: Path, save_dir: Path) -> list[tuple[Path, Path]]:
         rel = src.relative_to(data_dir)
         out = save_dir / rel.parent / (rel.stem + ".bin")
         if out in seen:
-            raise ValueError(f"{src} and {seen[out]} would both write {out}; rename one of them")
+            raise DataFileError(f"{src} and {seen[out]} would both write {out}; rename one of them")
         seen[out] = src
         plan.append((src, out))
     return plan
@@ -98,14 +118,54 @@ def source_signature(src: Path, text_field: str) -> dict:
     return {"path": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "text_field": text_field}
 
 
-def is_up_to_date(src: Path, bin_path: Path, fingerprint: str, text_field: str) -> bool:
+def up_to_date_sidecar(src: Path, bin_path: Path, fingerprint: str, text_field: str) -> dict | None:
+    """The sidecar of ``bin_path`` if it was made from ``src`` as it is now with this tokenizer, else None."""
     try:
         meta = read_sidecar(bin_path)
     except (PretokFormatError, OSError):
-        return False
+        return None
     sig, old = source_signature(src, text_field), meta.get("source", {})
     same_source = all(old.get(k) == sig[k] for k in ("size", "mtime_ns", "text_field"))
-    return same_source and meta.get("tokenizer_fingerprint") == fingerprint
+    if not (same_source and meta.get("tokenizer_fingerprint") == fingerprint):
+        return None
+    if "max_token_id" not in meta:
+        meta = _add_max_token_id(bin_path, meta)
+    return meta
+
+
+def _add_max_token_id(bin_path: Path, meta: dict) -> dict:
+    """A sidecar of an older z2all has no ``max_token_id``: scan the .bin once (far cheaper than
+    retokenizing) and rewrite the sidecar with it; the bin_id stays, so its indexes stay valid."""
+    dtype = np.dtype(meta["dtype"])
+    largest = -1
+    with open(bin_path, "rb") as f:
+        while block := f.read(1 << 24):  # 16 MiB, a whole number of ids
+            largest = max(largest, int(np.frombuffer(block, dtype=dtype).max()))
+    meta = {**meta, "max_token_id": largest}
+    atomic_write_json(sidecar_path(bin_path), meta)
+    logger.info("%s: recorded max_token_id=%d in its sidecar (written by an older z2all)", bin_path, largest)
+    return meta
+
+
+def _remove_output(bin_path: Path) -> None:
+    """Delete the outputs of a source that is now unreadable: stale, and no finished run would list them."""
+    sidecar_path(bin_path).unlink(missing_ok=True)  # sidecar first: the .bin never looks complete alone
+    bin_path.unlink(missing_ok=True)
+
+
+def summarize(results: list[FileResult]) -> str:
+    """What a run did, one line, then the empty and the unreadable source files one per line."""
+    bad = [r for r in results if r.error]
+    empty = [r for r in results if not r.error and r.num_documents == 0]
+    written = [r for r in results if not r.error and not r.skipped]
+    lines = [
+        f"{len(results)} source files: {len(written)} written, {len(results) - len(written) - len(bad)} up "
+        f"to date, {len(empty)} empty, {len(bad)} unreadable; {sum(r.num_tokens for r in results)} tokens "
+        f"in {len(results) - len(bad)} .bin files"
+    ]
+    lines += [f"  empty (no document): {r.source}" for r in empty]
+    lines += [f"  unreadable, skipped: {r.error}" for r in bad]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -120,36 +180,48 @@ def _init_worker(tokenizer_dir: str, dtype: str) -> None:
 
 
 def _encode_chunk(task: tuple[int, list[str] | None]) -> tuple[int, np.ndarray | None, int]:
-    """``(file index, ids of every doc each followed by EOS, number of docs)``; None marks end of file."""
+    """``(file index, ids of every doc each followed by EOS, number of docs)``; None marks end of file.
+
+    A document longer than ``DEFAULT_MAX_CHARS`` is encoded in pieces cut where the tokenizer can
+    never merge across (``z2all.tokenizer.chunked``): the same ids, with memory bounded by the piece
+    size instead of the document's."""
     file_idx, texts = task
     if texts is None:
         return file_idx, None, 0
-    batch = _TOKENIZER.encode_batch(texts)
-    eos = _TOKENIZER.eos_id
-    total = sum(len(ids) for ids in batch) + len(batch)
-    out = np.empty(total, dtype=_DTYPE)
-    pos = 0
-    for ids in batch:
-        out[pos : pos + len(ids)] = ids
-        pos += len(ids)
-        out[pos] = eos
-        pos += 1
-    return file_idx, out, len(batch)
+    short = iter(_TOKENIZER.encode_batch([t for t in texts if len(t) <= DEFAULT_MAX_CHARS]))
+    eos = np.array([_TOKENIZER.eos_id], dtype=_DTYPE)
+    parts = []
+    for text in texts:  # document order kept; EOS once per document
+        if len(text) <= DEFAULT_MAX_CHARS:
+            parts.append(np.asarray(next(short), dtype=_DTYPE))
+        else:
+            parts.append(encode_long(_TOKENIZER, text, dtype=_DTYPE))
+        parts.append(eos)
+    return file_idx, np.concatenate(parts) if parts else np.empty(0, dtype=_DTYPE), len(texts)
 
 
-def _tasks(todo: list[tuple[Path, Path]], cfg: PretokenizeConfig, stats: list[ReadStats]) -> Iterator[tuple]:
-    """Chunks of documents of every file in order, then ``(file index, None)`` once a file is read."""
+def _tasks(
+    todo: list[tuple[Path, Path]], cfg: PretokenizeConfig, stats: list[ReadStats], errors: list[str]
+) -> Iterator[tuple]:
+    """Chunks of documents of every file in order, then ``(file index, None)`` once a file is read.
+
+    A file that cannot be read ends early: its error goes to ``errors[k]`` before its ``(k, None)``, so
+    the consumer finds it there when that marker arrives (as it finds ``stats[k]`` final).
+    """
     for k, (src, _) in enumerate(todo):
         chunk: list[str] = []
         chars = 0
-        for text in iter_documents(src, cfg.text_field or None, stats[k]):
-            chunk.append(text)
-            chars += len(text)
-            if chars >= cfg.chunk_chars:
+        try:
+            for text in iter_documents(src, cfg.text_field or None, stats[k]):
+                chunk.append(text)
+                chars += len(text)
+                if chars >= cfg.chunk_chars:
+                    yield k, chunk
+                    chunk, chars = [], 0
+            if chunk:
                 yield k, chunk
-                chunk, chars = [], 0
-        if chunk:
-            yield k, chunk
+        except DataFileError as e:
+            errors[k] = str(e)
         yield k, None
 
 
@@ -187,11 +259,14 @@ class _BinWriter:
         self.f = open(self.tmp, "wb")
         self.num_tokens = 0
         self.num_documents = 0
+        self.max_token_id = -1
 
     def write(self, arr: np.ndarray, num_docs: int) -> None:
         self.f.write(arr.tobytes())  # arr is already little-endian uint16/uint32
         self.num_tokens += len(arr)
         self.num_documents += num_docs
+        if len(arr):
+            self.max_token_id = max(self.max_token_id, int(arr.max()))
 
     def commit(self) -> None:
         self.f.flush()
@@ -208,7 +283,11 @@ class _BinWriter:
 
 
 def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
-    """Pretokenize every data file of ``cfg.data_dir``; returns one result per file (skipped or written)."""
+    """Pretokenize every data file of ``cfg.data_dir``; returns one result per file (skipped or written).
+
+    Unreadable sources are skipped and reported in their result; unless ``cfg.allow_bad_files``, the run
+    then raises :class:`DataFileError` at the end and leaves ``save_dir`` without a manifest.
+    """
     from tqdm import tqdm
 
     tok = Z2allTokenizer.from_pretrained(cfg.tokenizer_dir)
@@ -217,12 +296,19 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
     plan = plan_outputs(data_dir, save_dir)
     if not plan:
         raise FileNotFoundError(f"--data_dir={data_dir}: no .jsonl/.json/.parquet/.txt files found")
-    results = {src: FileResult(src, out, skipped=True) for src, out in plan}
-    todo = [(s, o) for s, o in plan if cfg.force or not is_up_to_date(s, o, fingerprint, cfg.text_field)]
+    remove_manifest(save_dir)  # from here until the end, the folder does not look finished
+    results, todo = {}, []
     for src, out in plan:
-        if (src, out) not in todo:
+        meta = None if cfg.force else up_to_date_sidecar(src, out, fingerprint, cfg.text_field)
+        if meta is None:
+            todo.append((src, out))
+        else:
             logger.info("up to date, skipped: %s", out)
+            results[src] = FileResult(
+                src, out, True, meta["num_tokens"], meta["num_documents"], bin_id=meta["bin_id"]
+            )
     stats = [ReadStats() for _ in todo]
+    errors = [""] * len(todo)
     signatures = [source_signature(s, cfg.text_field) for s, _ in todo]  # before reading: a later edit reruns
     t0 = time.perf_counter()
     writers: dict[int, _BinWriter] = {}
@@ -231,12 +317,12 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
     pool = None
     if workers > 1:
         pool = _start_pool(workers, cfg.tokenizer_dir, dtype)
-        # The reader runs in the pool's task-feeding thread; an error there (DataFileError) is
-        # re-raised here by imap at the position it happened.
-        results_iter = pool.imap(_encode_chunk, _tasks(todo, cfg, stats), chunksize=1)
+        # The reader runs in the pool's task-feeding thread; an unexpected error there is re-raised here
+        # by imap at the position it happened (a DataFileError is caught by _tasks itself).
+        results_iter = pool.imap(_encode_chunk, _tasks(todo, cfg, stats, errors), chunksize=1)
     else:  # encode in this process (HF tokenizers still multithreads inside encode_batch)
         _init_worker(cfg.tokenizer_dir, dtype.str)
-        results_iter = map(_encode_chunk, _tasks(todo, cfg, stats))
+        results_iter = map(_encode_chunk, _tasks(todo, cfg, stats, errors))
     bar = tqdm(total=sum(os.path.getsize(s) for s, _ in todo), unit="B", unit_scale=True, desc="pretokenize")
     try:
         for k, arr, ndocs in results_iter:
@@ -248,9 +334,16 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
                 w.write(arr, ndocs)
                 bar.set_postfix(tokens=total_tokens + w.num_tokens, refresh=False)
                 continue
-            # End of file k: the reader has finished it, so stats[k] is final.
-            w.commit()
+            # End of file k: the reader has finished it, so stats[k] and errors[k] are final.
             del writers[k]
+            bar.update(signatures[k]["size"])
+            if errors[k]:
+                w.abort()
+                _remove_output(out)
+                results[src] = FileResult(src, out, False, stats=stats[k], error=errors[k])
+                logger.warning("skipped: %s", errors[k])
+                continue
+            w.commit()
             meta = {
                 "format": BIN_FORMAT,
                 "dtype": dtype.str,
@@ -260,6 +353,7 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
                 "tokenizer_type": tok.tokenizer_type,
                 "num_tokens": w.num_tokens,
                 "num_documents": w.num_documents,
+                "max_token_id": w.max_token_id,
                 "bin_bytes": w.num_tokens * dtype.itemsize,
                 "bin_id": uuid.uuid4().hex,
                 "source": signatures[k],
@@ -267,10 +361,13 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
             }
             atomic_write_json(sidecar_path(out), meta)
             total_tokens += w.num_tokens
-            results[src] = FileResult(src, out, False, w.num_tokens, w.num_documents, stats[k])
-            bar.update(signatures[k]["size"])
+            results[src] = FileResult(
+                src, out, False, w.num_tokens, w.num_documents, stats[k], bin_id=meta["bin_id"]
+            )
             if stats[k].num_bad:
                 logger.warning("%s: %s", src, stats[k].summary())
+            if not w.num_documents:
+                logger.warning("%s: no documents (%s); %s is empty", src, stats[k].summary(), out)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -281,12 +378,10 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
             pool.terminate()
             pool.join()
     seconds = time.perf_counter() - t0
-    written = [r for r in results.values() if not r.skipped]
+    written = [r for r in results.values() if not r.skipped and not r.error]
     logger.info(
-        "pretokenized %d files (%d up to date): %d documents, %d tokens in %.2fs = %.0f tokens/s "
-        "(%d workers, %s)",
+        "pretokenized %d files: %d documents, %d tokens in %.2fs = %.0f tokens/s (%d workers, %s)",
         len(written),
-        len(plan) - len(written),
         sum(r.num_documents for r in written),
         total_tokens,
         seconds,
@@ -294,4 +389,13 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
         workers,
         tok.tokenizer_type,
     )
-    return [results[s] for s, _ in plan]
+    ordered = [results[s] for s, _ in plan]
+    bad = {str(r.source): r.error for r in ordered if r.error}
+    if bad and not cfg.allow_bad_files:
+        raise DataFileError(
+            f"{summarize(ordered)}\n{save_dir} is not marked complete (no {MANIFEST_NAME}): fix or remove "
+            "the unreadable files and rerun (finished files are skipped), or rerun with "
+            "--allow_bad_files=true to leave them out"
+        )
+    write_manifest(save_dir, {r.bin_path: r.bin_id for r in ordered if not r.error}, bad)
+    return ordered

@@ -108,3 +108,21 @@ def pretokenize_small_corpus(root: Path, tokenizer_dir: Path, max_seq_len: int |
     if max_seq_len:
         build_all(IndexConfig(data_dir=str(out), max_seq_len=max_seq_len))
     return out
+
+
+def write_corrupt_parquet(path: Path, row_groups: int = 3, rows: int = 1000) -> Path:
+    """A snappy parquet file of ``row_groups`` groups, 64 bytes of group 1's data page overwritten:
+    reading fails in row group 1 with pyarrow's ``OSError: Corrupt snappy compressed data.``"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"document {i} " + "abcdefgh "[i % 9] * (i % 97 + 50) for i in range(row_groups * rows)]
+    pq.write_table(
+        pa.table({"text": texts}), path, row_group_size=rows, compression="snappy", use_dictionary=False
+    )
+    col = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    at = col.data_page_offset + col.total_compressed_size // 2
+    data[at : at + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return path

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
 from tests.data.conftest import pretokenize_small_corpus
 from z2all.data.pretrain_dataset import (
     IBIN_HEADER,
+    MANIFEST_NAME,
     SFT_BIN_SUFFIX,
     IbinHeader,
     PretokDatasetWithIndex,
@@ -22,6 +25,9 @@ from z2all.data.pretrain_dataset import (
     ibin_path,
     list_pretrain_bins,
     num_windows,
+    read_sidecar,
+    sidecar_path,
+    write_manifest,
 )
 from z2all.data.sft_pretok import sft_paths
 from z2all.data.sft_pretokenize import PretokenizeSFTConfig, pretokenize_sft
@@ -167,6 +173,7 @@ def test_refuses_truncated_index_and_mixed_tokenizers(bin_dir, tmp_path, tiny_sp
     for src, name in [(bin_dir / "b", "b"), (other / "sub" / "c", "c")]:
         for ext in (".bin", ".bin.json", ".ibin"):
             os.link(str(src) + ext, mixed / (name + ext))
+    write_manifest(mixed, {b: read_sidecar(b)["bin_id"] for b in list_pretrain_bins(mixed)}, {})
     with pytest.raises(PretokFormatError, match="different tokenizers"):
         PretokDatasetWithIndex(mixed, L)
 
@@ -211,3 +218,126 @@ def test_sft_pretokenized_files_in_the_same_folder_are_not_pretraining_bins(bin_
     counts = build_all(IndexConfig(data_dir=str(bin_dir), max_seq_len=L))
     assert sorted(counts) == bins and not ibin_path(sft_paths(src)["bin"]).exists()
     assert [(x.tolist(), y.tolist()) for x, y in PretokDatasetWithIndex(bin_dir, L)] == before
+
+
+# ------------------------------------------------------------------- a finished run, complete indexes
+def test_folder_without_manifest_is_refused_by_the_index_builder_and_the_dataset(bin_dir):
+    """What an interrupted run (or an older z2all) leaves: every .bin it got to, no manifest."""
+    (bin_dir / MANIFEST_NAME).unlink()
+    msg = (
+        rf"{bin_dir}: no {MANIFEST_NAME} here or above, .* did not finish .* rerun python -m data_preprocess"
+    )
+    with pytest.raises(PretokFormatError, match=msg):
+        build_all(IndexConfig(data_dir=str(bin_dir), max_seq_len=L))
+    with pytest.raises(PretokFormatError, match=msg):
+        PretokDatasetWithIndex(bin_dir, L)
+
+
+def _copy_pair(bin_dir, src: str, dst: str) -> None:
+    for ext in (".bin", ".bin.json", ".ibin"):
+        shutil.copyfile(bin_dir / f"{src}{ext}", bin_dir / f"{dst}{ext}")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda d: _copy_pair(d, "b", "leftover"),
+            r"leftover.bin: not written by the finished pretokenize run",
+        ),
+        (lambda d: (d / "sub" / "c.bin").unlink(), r"lists sub/c.bin, which is missing"),
+        (
+            lambda d: _copy_pair(d, "b", "a"),  # a.bin replaced by another file's complete pair
+            r"a.bin: rewritten after the pretokenize run of .* finished",
+        ),
+    ],
+)
+def test_the_manifest_must_vouch_for_every_bin(bin_dir, damage, message):
+    damage(bin_dir)
+    with pytest.raises(PretokFormatError, match=message):
+        PretokDatasetWithIndex(bin_dir, L)
+
+
+def test_a_subfolder_of_a_finished_run_is_finished_too(bin_dir):
+    """The nearest manifest above a .bin vouches for it: training on one subfolder works."""
+    sub = PretokDatasetWithIndex(bin_dir / "sub", L)
+    assert len(sub) == num_windows(read_sidecar(bin_dir / "sub" / "c.bin")["num_tokens"], L) > 0
+
+
+def test_truncated_index_is_rebuilt_not_called_up_to_date(bin_dir):
+    """Training said "rebuild it" and the builder, reading only the header, said "up to date"."""
+    p = ibin_path(bin_dir / "a.bin")
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) - 8)
+    with pytest.raises(PretokFormatError, match=r"a.ibin: size .*; rebuild it"):
+        PretokDatasetWithIndex(bin_dir, L)
+    n, written = build_index(bin_dir / "a.bin", L)
+    assert written and os.path.getsize(p) == IBIN_HEADER.size + 8 * n
+    assert build_index(bin_dir / "a.bin", L) == (n, False)  # now it is up to date
+    PretokDatasetWithIndex(bin_dir, L)
+
+
+def test_max_seq_len_longer_than_every_file_is_refused_naming_the_folder(bin_dir):
+    before = {p: p.stat().st_mtime_ns for p in bin_dir.rglob("*.ibin")}
+    with pytest.raises(ValueError, match=rf"--data_dir={bin_dir}: no sample for --max_seq_len=100000: .*"):
+        build_all(IndexConfig(data_dir=str(bin_dir), max_seq_len=100_000))
+    assert {p: p.stat().st_mtime_ns for p in bin_dir.rglob("*.ibin")} == before  # nothing written
+
+
+# ----------------------------------------------------------------------------- token ids vs vocabulary
+def test_corrupted_token_id_is_caught_on_load_naming_file_and_offset(bin_dir):
+    """It used to train, then die steps later in torch.embedding with an IndexError."""
+    pos = 3 * L + 5  # inside sample 3 of a.bin, the folder's first file
+    with open(bin_dir / "a.bin", "r+b") as f:
+        f.seek(pos * 2)
+        f.write(b"\xff\xff")  # id 65535, vocab 1000; same size, so construction cannot see it
+    ds = PretokDatasetWithIndex(bin_dir, L)
+    ds[2]
+    with pytest.raises(
+        PretokFormatError,
+        match=rf"a.bin: token id 65535 at token {pos} \(byte {2 * pos}\) is not below the tokenizer's "
+        "vocab_size 1000: the file is corrupted",
+    ):
+        ds[3]
+
+
+def test_start_up_check_of_the_recorded_max_token_id(bin_dir, z2all_log):
+    ds = PretokDatasetWithIndex(bin_dir, L)
+    largest = max(int(s.max()) for s in _streams(bin_dir))
+    ds.check_token_ids(largest + 1)
+    with pytest.raises(
+        PretokFormatError, match=rf"holds token id {largest}, but the model has {largest} emb"
+    ):
+        ds.check_token_ids(largest)
+    # sidecars of an older z2all have no max_token_id: the start-up check skips them (debug log)
+    for b in list_pretrain_bins(bin_dir):
+        meta = read_sidecar(b)
+        del meta["max_token_id"]
+        sidecar_path(b).write_text(json.dumps(meta))
+    z2all_log.set_level(logging.DEBUG, logger="z2all")
+    PretokDatasetWithIndex(bin_dir, L).check_token_ids(1)
+    assert "4 .bin files record no max_token_id" in z2all_log.text
+
+
+def test_training_start_up_refuses_ids_the_model_has_no_embedding_for(bin_dir, tiny_tokenizer_dir):
+    """z2all.training.build checks the recorded max id against the model's vocab before step 1."""
+    from z2all.training.build import build_components
+    from z2all.training.config import ConfigError, parse_args
+
+    meta = read_sidecar(bin_dir / "b.bin")
+    meta["max_token_id"] = 10**6  # as if a tokenizer with a bigger vocab had written it
+    sidecar_path(bin_dir / "b.bin").write_text(json.dumps(meta))
+    cfg = parse_args(
+        [
+            f"--data_dir={bin_dir}",
+            f"--tokenizer_dir={tiny_tokenizer_dir}",
+            f"--out_dir={bin_dir.parent / 'run'}",
+            "--model_config=tiny",
+            f"--max_seq_len={L}",
+            "--train_batch_size=2",
+        ]
+    )
+    with pytest.raises(
+        ConfigError, match=rf"--data_dir={bin_dir}: .*b.bin: holds token id 1000000, but the mo"
+    ):
+        build_components(cfg, torch.device("cpu"))

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.data.conftest import write_corrupt_parquet
+from z2all.data.pretrain_dataset import MANIFEST_NAME
 from z2all.data.readers import (
     DataFileError,
     ReadStats,
@@ -157,6 +159,64 @@ def test_unreadable_and_unsupported_files_raise_naming_the_file(tmp_path):
         list_data_files(tmp_path / "nope")
 
 
+def test_corrupt_parquet_page_names_the_file_and_row_group(tmp_path):
+    """pyarrow says only ``OSError: Corrupt snappy compressed data.``; the reader says which file and
+    where, after yielding the rows of the good row group before it."""
+    path = tmp_path / "corrupt.parquet"
+    write_corrupt_parquet(path)
+    got = []
+    with pytest.raises(
+        DataFileError, match=r"corrupt.parquet: .* row group 1 of 3 \(at row 1000\): Corrupt snappy"
+    ):
+        for doc in iter_documents(path):
+            got.append(doc)
+    assert len(got) == 1000
+    with pytest.raises(DataFileError, match="corrupt.parquet: .* row group 1 of 3"):
+        list(iter_records(path))
+
+
+def test_parquet_string_column_with_bytes_that_are_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "u.parquet"
+    strings = pa.array([b"fine", b"bad \xff byte"], type=pa.binary()).view(pa.string())  # not validated
+    pq.write_table(pa.table({"text": strings}), path)
+    with pytest.raises(DataFileError, match=r"u.parquet: .* row group 0 of 1 \(at row 0\): 'utf-8' codec"):
+        list(iter_documents(path))
+
+
+@pytest.mark.parametrize(
+    "suffix, where", [(".jsonl", "after line 2"), (".txt", "after line 2"), (".json", "at item 0")]
+)
+def test_io_error_mid_file_names_the_file_and_position(tmp_path, monkeypatch, suffix, where):
+    """An OSError while reading (EIO from a failing disk, a dropped network mount) is a DataFileError
+    naming the file and how far the reader got."""
+    import io
+
+    import z2all.data.readers as readers
+
+    class _FailingFile(io.BytesIO):
+        def __init__(self):
+            super().__init__(b'{"text": "one"}\n{"text": "two"}\n' if suffix != ".json" else b"[")
+            self.lines = 0
+
+        def __next__(self):
+            self.lines += 1
+            if self.lines > 2:
+                raise OSError(5, "Input/output error")
+            return super().__next__()
+
+        def read(self, n=-1):
+            if self.tell() > 0:
+                raise OSError(5, "Input/output error")
+            return super().read(n)
+
+    monkeypatch.setattr(readers, "_open_binary", lambda path: _FailingFile())
+    path = tmp_path / f"a{suffix}"
+    with pytest.raises(
+        DataFileError, match=rf"a{suffix}: read failed {where}: \[Errno 5\] Input/output error"
+    ):
+        list(iter_documents(path))
+
+
 def test_list_data_files_skips_sidecars_hidden_and_other_types(tmp_path):
     for name in [
         "b.jsonl",
@@ -166,6 +226,8 @@ def test_list_data_files_skips_sidecars_hidden_and_other_types(tmp_path):
         "x.bin.json",
         "x.ibin.json",
         "dialogues.jsonl.sft.json",
+        MANIFEST_NAME,  # pretokenize's, when --save_dir is the corpus folder
+        f"sub/{MANIFEST_NAME}",
         "x.bin",
         ".hidden.jsonl",
         "e.csv",

@@ -381,3 +381,22 @@ def test_sft_collate_right_pads():
     assert input_ids[0, 3] == 3 and labels[0, 3] == -100 and mask[0, 3] == 0
     with pytest.raises(ValueError, match="2 input_ids but 1 labels"):
         sft_collate([(torch.tensor([1, 2]), torch.tensor([1]))], pad_id=0)
+
+
+def test_io_error_mid_jsonl_names_the_file_and_line(tmp_path, monkeypatch):
+    """SFT .jsonl has its own line reader (a line may be a bare message list); an OSError while reading
+    is a DataFileError naming the file and the line, as in the shared reader."""
+    import io
+
+    from z2all.data import sft_records
+    from z2all.data.readers import DataFileError, ReadStats
+
+    class _FailingFile(io.BytesIO):
+        def __next__(self):
+            if self.tell() > 0:
+                raise OSError(5, "Input/output error")
+            return super().__next__()
+
+    monkeypatch.setattr(sft_records, "open", lambda path, mode: _FailingFile(b"[]\n[]\n"), raising=False)
+    with pytest.raises(DataFileError, match=r"chat.jsonl: read failed after line 1: \[Errno 5\]"):
+        list(sft_records.iter_json_records(tmp_path / "chat.jsonl", ReadStats()))

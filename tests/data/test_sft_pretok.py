@@ -3,6 +3,8 @@ the cache_dir path, and refusal of incomplete sets."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -11,9 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from data_preprocess.pretokenize_sft_data import main as pretokenize_main
+from data_preprocess.pretokenize_sft_data import main as cli_main
 from z2all.data.sft_dataset import SFTDataset
 from z2all.data.sft_pretok import ids_dtype, sft_paths
+
+
+def pretokenize_main(argv: list[str]) -> list[dict]:
+    """The CLI in this process; it prints one JSON summary per source on stdout (logs go to stderr)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(argv) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
 def assert_same_items(a: SFTDataset, b: SFTDataset) -> None:
@@ -164,16 +174,19 @@ def test_incomplete_or_corrupt_sets_are_not_used(tiny_tokenizer_dir, tmp_path, z
     assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["tokenized"]
 
 
-def test_cli_rejects_bad_flags(tiny_tokenizer_dir, tmp_path):
+def test_cli_rejects_bad_flags(tiny_tokenizer_dir, tmp_path, capsys):
+    """Each bad flag: status 2 and ``pretokenize_sft_data: error: <message naming the flag>``."""
     source = small_source(tmp_path)
-    with pytest.raises(ValueError, match="--sft_type"):
-        pretokenize_main(flags(source, tiny_tokenizer_dir, tmp_path, 64, "--sft_type=chat"))
-    with pytest.raises(FileNotFoundError, match="--data_dir"):
-        pretokenize_main(flags(tmp_path / "nope", tiny_tokenizer_dir, tmp_path, 64))
-    with pytest.raises(FileNotFoundError, match="--tokenizer_dir"):
-        pretokenize_main(flags(source, tmp_path / "nope", tmp_path, 64))
-    with pytest.raises(SystemExit):
-        pretokenize_main([f"--data_dir={source}", "--max_seq_len=8", "--unknown_flag=1"])
+    cases = [
+        (flags(source, tiny_tokenizer_dir, tmp_path, 64, "--sft_type=chat"), "--sft_type must be one of"),
+        (flags(tmp_path / "nope", tiny_tokenizer_dir, tmp_path, 64), "--data_dir="),
+        (flags(source, tmp_path / "nope", tmp_path, 64), "--tokenizer_dir="),
+        (flags(source, tiny_tokenizer_dir, tmp_path, 64, "--unknown_flag=1"), "unrecognized arguments"),
+    ]
+    for argv, message in cases:
+        assert cli_main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and "pretokenize_sft_data: error: " in err and message in err, err
 
 
 def test_cli_flags_snapshot():

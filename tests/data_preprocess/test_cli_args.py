@@ -1,4 +1,4 @@
-"""z2all.cli_args: the generic dataclass -> ``--flag=value`` parser shared by every command-line face."""
+"""z2all.cli_args: the dataclass -> ``--flag=value`` parser and ``run_cli``, shared by the data tools."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from z2all.cli_args import parse_dataclass_args
+from z2all.cli_args import parse_dataclass_args, run_cli
 
 
 @dataclass
@@ -44,4 +44,54 @@ def test_bad_flags_exit_naming_the_flag(argv, message, capsys):
 def test_generic_module_imports_no_other_z2all_package():
     code = "import sys, z2all.cli_args; print(sorted(m for m in sys.modules if m.startswith('z2all')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['z2all', 'z2all.cli_args']"
+    assert out.strip() == "['z2all', 'z2all.cli_args', 'z2all.log']"
+
+
+@dataclass
+class _Checked:
+    data_dir: str = ""
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ValueError("--data_dir is required")
+
+
+def test_a_value_post_init_refuses_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_dataclass_args(_Checked, [], prog="tool")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith("tool: error: --data_dir is required\n")
+
+
+def _work(cfg: _Checked) -> int | None:
+    if cfg.data_dir == "missing":
+        raise FileNotFoundError(f"--data_dir={cfg.data_dir}: no such folder")
+    if cfg.data_dir == "bug":
+        raise RuntimeError("a bug, not the user's fault")
+    print(f"result for {cfg.data_dir}")
+    return 3 if cfg.data_dir == "partial" else None
+
+
+def test_run_cli_statuses_streams_and_traceback_only_with_debug(capsys):
+    assert run_cli(_Checked, _work, ["--data_dir=d"], prog="tool") == 0
+    assert capsys.readouterr() == ("result for d\n", "")
+    assert run_cli(_Checked, _work, ["--data_dir=partial"], prog="tool") == 3  # the tool's own status
+    capsys.readouterr()
+
+    assert run_cli(_Checked, _work, ["--data_dir=missing"], prog="tool") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "tool: error: --data_dir=missing: no such folder\n"  # one line, no traceback
+    for debug in ("--debug", "--debug=true"):
+        assert run_cli(_Checked, _work, ["--data_dir=missing", debug], prog="tool") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and "FileNotFoundError" in err
+        assert err.endswith("tool: error: --data_dir=missing: no such folder\n")
+
+    assert run_cli(_Checked, _work, [], prog="tool") == 2  # __post_init__ refused: a flag error
+    assert "tool: error: --data_dir is required" in capsys.readouterr().err
+    assert run_cli(_Checked, _work, ["--data_dir=d", "--nope=1"], prog="tool") == 2
+    assert "tool: error: unrecognized arguments: --nope=1" in capsys.readouterr().err
+    assert run_cli(_Checked, _work, ["--help"], prog="tool") == 0
+    assert "--debug [DEBUG]" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
+        run_cli(_Checked, _work, ["--data_dir=bug"], prog="tool")

@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 
 import data_preprocess.pretok_pretrain as pp
-from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
+from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize, summarize
 from tests.data.conftest import write_small_corpus
-from z2all.data.pretrain_dataset import PretokFormatError, read_sidecar, token_dtype
+from z2all.data.pretrain_dataset import (
+    MANIFEST_NAME,
+    PretokFormatError,
+    read_sidecar,
+    sidecar_path,
+    token_dtype,
+)
 from z2all.data.readers import DataFileError, ReadStats, iter_documents, list_data_files
 
 
@@ -48,6 +54,7 @@ def test_bin_holds_each_document_then_eos_and_sidecar_describes_it(
         assert meta["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint()
         assert meta["num_tokens"] == len(tokens) and meta["num_documents"] == len(docs)
         assert meta["bin_bytes"] == os.path.getsize(r.bin_path)
+        assert meta["max_token_id"] == int(tokens.max())
         assert meta["source"]["size"] == os.path.getsize(src)
         assert meta["source"]["mtime_ns"] == os.stat(src).st_mtime_ns
         assert meta["bad_records"] == stats.to_dict()
@@ -141,14 +148,17 @@ def test_crash_between_bin_and_sidecar_never_pairs_new_bin_with_old_sidecar(
     def boom(*args, **kwargs):
         raise OSError("disk full while writing the sidecar")
 
+    assert (out / MANIFEST_NAME).is_file()
     monkeypatch.setattr(pp, "atomic_write_json", boom)
     with pytest.raises(OSError, match="disk full"):
         pretokenize(cfg)
+    assert not (out / MANIFEST_NAME).exists()  # removed before anything changed
     assert (out / "a.bin").exists() and not (out / "a.bin.json").exists()
     with pytest.raises(PretokFormatError, match="a.bin: no sidecar"):
         read_sidecar(out / "a.bin")
     monkeypatch.undo()
     assert [r.skipped for r in pretokenize(cfg)] == [False, True, True, True]
+    assert (out / MANIFEST_NAME).is_file()
 
 
 def test_two_sources_with_one_output_name_is_an_error(tmp_path, tiny_tokenizer_dir):
@@ -167,11 +177,20 @@ def test_cli_end_to_end_with_index(tmp_path, tiny_tokenizer_dir):
     pre += [f"--tokenizer_dir={tiny_tokenizer_dir}", f"--save_dir={out}", "--num_workers=2"]
     res = subprocess.run(pre, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "tokens/s" in res.stdout and "invalid_json=1" in res.stdout
+    # the summary is the result (stdout); progress, speed and bad records are logs (stderr)
+    assert res.stdout.startswith("4 source files: 4 written, 0 up to date, 0 empty, 0 unreadable; ")
+    assert "tokens/s" in res.stderr and "invalid_json=1" in res.stderr and "tokens/s" not in res.stdout
+    assert json.loads((out / MANIFEST_NAME).read_text())["bins"].keys() == {
+        "a.bin",
+        "b.bin",
+        "d.bin",
+        "sub/c.bin",
+    }
     idx = [sys.executable, "-m", "data_preprocess.build_pretrain_sample_index_map", f"--data_dir={out}"]
     res = subprocess.run(idx + ["--max_seq_len=16"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.rglob("*.ibin")) == ["a.ibin", "b.ibin", "c.ibin", "d.ibin"]
+    assert res.stdout.endswith(" files for max_seq_len=16\n") and "wrote" in res.stderr
 
 
 def test_shared_parquet_with_worker_pool_matches_direct_encoding(
@@ -188,18 +207,62 @@ def test_shared_parquet_with_worker_pool_matches_direct_encoding(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_unreadable_file_stops_the_run_naming_it_after_finishing_earlier_files(
+def test_unreadable_file_is_skipped_reported_and_the_folder_not_marked_complete(
     tmp_path, tiny_tokenizer_dir, workers
 ):
+    """One bad file no longer stops the run halfway: every other file is written, the bad one is named
+    at the end, and without --allow_bad_files the folder gets no manifest, so nothing trains on it."""
+    from data_preprocess.build_pretrain_sample_index_map import IndexConfig, build_all
+
     data = write_small_corpus(tmp_path / "data")
-    (data / "e.parquet").write_bytes(b"this is not a parquet file")
+    (data / "c2.parquet").write_bytes(b"this is not a parquet file")  # sorted between b.txt and d.jsonl
     out = tmp_path / "out"
-    with pytest.raises(DataFileError, match="e.parquet"):
+    with pytest.raises(DataFileError, match=r"(?s)1 unreadable.*c2.parquet.*--allow_bad_files=true"):
         pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=workers))
-    for name in ("a.bin", "b.bin", "d.bin"):  # files before it in order are complete
+    for name in ("a.bin", "b.bin", "d.bin", "sub/c.bin"):  # before and after it in order: complete
         read_sidecar(out / name)
-    assert not (out / "e.bin").exists() and not (out / "sub").exists()
+    assert not (out / "c2.bin").exists() and not (out / MANIFEST_NAME).exists()
     assert not [p for p in out.rglob(".*tmp*")], "temp files left behind"
+    with pytest.raises(PretokFormatError, match=f"no {MANIFEST_NAME} here or above.*rerun"):
+        build_all(IndexConfig(data_dir=str(out), max_seq_len=8))
+
+    results = pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=workers, allow_bad_files=True))
+    assert [r.skipped for r in results] == [True, True, False, True, True]  # only the bad file retried
+    assert "c2.parquet" in results[2].error and not results[2].bin_path.exists()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert list(manifest["bins"]) == ["a.bin", "b.bin", "d.bin", "sub/c.bin"]
+    assert list(manifest["bad_files"]) == [str(data / "c2.parquet")]
+    assert "unreadable, skipped: " in summarize(results) and "1 unreadable" in summarize(results)
+    assert len(build_all(IndexConfig(data_dir=str(out), max_seq_len=8))) == 4
+
+
+def test_a_source_that_turns_unreadable_loses_its_old_output(tmp_path, tiny_tokenizer_dir):
+    """Its old .bin is stale and no finished run would list it: removed, sidecar first."""
+    data = write_small_corpus(tmp_path / "data")
+    (data / "e.json").write_text(json.dumps([{"text": "an array of records"}]))
+    out = tmp_path / "out"
+    pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))
+    assert read_sidecar(out / "e.bin")["num_documents"] == 1
+    (data / "e.json").write_text('{"text": "not an array"}')
+    with pytest.raises(DataFileError, match="e.json: a .json data file must be one top-level JSON array"):
+        pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))
+    assert not (out / "e.bin").exists() and not (out / "e.bin.json").exists()
+
+
+def test_cli_exit_status_and_summary_for_bad_files(tmp_path, tiny_tokenizer_dir, capsys):
+    from data_preprocess.pretokenize_pretrain_data import main
+
+    data = write_small_corpus(tmp_path / "data")
+    (data / "e.parquet").write_bytes(b"PAR1 garbage")
+    argv = [f"--data_dir={data}", f"--tokenizer_dir={tiny_tokenizer_dir}", f"--save_dir={tmp_path / 'out'}"]
+    assert main(argv + ["--num_workers=1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "pretokenize_pretrain_data: error: 5 source files: 4 written" in err
+    assert "e.parquet" in err and "Traceback" not in err
+    assert main(argv + ["--num_workers=1", "--allow_bad_files=true"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("5 source files: 0 written, 4 up to date, 0 empty, 1 unreadable")
+    assert f"unreadable, skipped: cannot read parquet file {data / 'e.parquet'}" in out
 
 
 def test_uint32_output_when_vocab_does_not_fit_uint16(
@@ -233,7 +296,8 @@ def test_cli_flags_snapshot():
         return [f.name for f in dataclasses.fields(cls)]
 
     assert names(PretokenizeConfig) == [
-        "data_dir", "tokenizer_dir", "save_dir", "num_workers", "text_field", "chunk_chars", "force"
+        "data_dir", "tokenizer_dir", "save_dir", "num_workers", "text_field", "chunk_chars", "force",
+        "allow_bad_files",
     ]  # fmt: skip
     assert names(IndexConfig) == ["data_dir", "max_seq_len", "force"]
     assert names(TokenizerTrainConfig) == [
@@ -315,3 +379,55 @@ def test_special_token_strings_in_documents_stay_plain_text(tmp_path, request, t
     cuts = np.flatnonzero(ids == tok.eos_id)
     starts = np.concatenate([[0], cuts[:-1] + 1])
     assert [tok.decode(ids[s:e].tolist()) for s, e in zip(starts, cuts)] == docs
+
+
+def test_empty_sources_are_warned_about_and_counted(tmp_path, tiny_tokenizer_dir, caplog):
+    """A file with no document gives an empty .bin: written (so reruns skip it), but no longer silently."""
+    data = write_small_corpus(tmp_path / "data")
+    (data / "empty.txt").write_bytes(b"")
+    (data / "all_bad.jsonl").write_text('{"text": ""}\n{broken\n')
+    out = tmp_path / "out"
+    results = pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))
+    empty = [r for r in results if r.num_documents == 0]
+    assert [r.source.name for r in empty] == ["all_bad.jsonl", "empty.txt"] and not any(
+        r.num_tokens for r in empty
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        f"{data / 'empty.txt'}: no documents (0 good records, no bad records); {out / 'empty.bin'} is empty"
+        in (warnings)
+    )
+    assert any(
+        w.startswith(f"{data / 'all_bad.jsonl'}: no documents (0 good records, 2 bad") for w in warnings
+    )
+    summary = summarize(results)
+    assert summary.startswith("6 source files: 6 written, 0 up to date, 2 empty, 0 unreadable; ")
+    assert f"  empty (no document): {data / 'all_bad.jsonl'}" in summary
+    assert "2 empty" in summarize(
+        pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))
+    )  # rerun too
+
+
+def test_sidecar_of_an_older_run_gets_its_max_token_id_without_retokenizing(tmp_path, tiny_tokenizer_dir):
+    data = write_small_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))
+    before = {}
+    for b in out.rglob("*.bin"):
+        meta = read_sidecar(b)
+        before[b] = meta.pop("max_token_id")
+        sidecar_path(b).write_text(json.dumps(meta))  # as an older z2all wrote it ...
+    (out / MANIFEST_NAME).unlink()  # ... with no manifest either
+    results = pretokenize(_cfg(data, tiny_tokenizer_dir, out, num_workers=1))
+    assert all(r.skipped for r in results)  # not retokenized ...
+    assert {b: read_sidecar(b)["max_token_id"] for b in out.rglob("*.bin")} == before  # ... but recorded
+    assert (out / MANIFEST_NAME).is_file()  # and the folder is marked finished
+
+
+def test_output_beside_the_sources_is_not_read_back_as_corpus(tmp_path, tiny_tokenizer_dir):
+    """save_dir == data_dir: the manifest (.json) and sidecars are ours, never corpus files."""
+    data = write_small_corpus(tmp_path / "data")
+    first = pretokenize(_cfg(data, tiny_tokenizer_dir, data, num_workers=1))
+    assert (data / MANIFEST_NAME).is_file()
+    again = pretokenize(_cfg(data, tiny_tokenizer_dir, data, num_workers=1))
+    assert [r.source for r in again] == [r.source for r in first] and all(r.skipped for r in again)

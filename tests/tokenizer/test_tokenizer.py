@@ -168,3 +168,46 @@ def test_from_pretrained_errors_name_the_folder(tmp_path):
     (tmp_path / "z2all_tokenizer.json").write_text('{"tokenizer_type": "sp_bbpe"}')
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         Z2allTokenizer.from_pretrained(tmp_path)
+
+
+def _copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("tokenizer.json", b"garbage", r"tokenizer.json: invalid JSON at line 1 column 1: Expecting value"),
+        (
+            "tokenizer.json",
+            b'{\n  "model": {"vocab": [1, 2]',
+            r"tokenizer.json: invalid JSON at line 2 column",
+        ),
+        ("tokenizer.json", b'{"model": 3}', r"tokenizer.json: not a tokenizers file \("),
+        ("tokenizer.json", b"\xff\xfe binary", r"tokenizer.json: not UTF-8 text \(byte 0\)"),
+        ("z2all_tokenizer.json", b"{oops", r"z2all_tokenizer.json: invalid JSON at line 1 column 2"),
+        ("z2all_tokenizer.json", b'{"vocab_size": 5}', r"z2all_tokenizer.json: no tokenizer_type"),
+    ],
+)
+def test_broken_tokenizer_files_name_the_file(tmp_path, tiny_tokenizer_dir, name, content, message):
+    """tokenizers alone says ``Exception: expected value at line 1 column 1``, naming no file."""
+    from z2all.tokenizer import TokenizerFileError
+
+    broken = _copy_dir(tiny_tokenizer_dir, tmp_path / "tok")
+    (broken / name).write_bytes(content)
+    with pytest.raises(TokenizerFileError, match=message) as info:
+        Z2allTokenizer.from_pretrained(broken)
+    assert str(broken / name) in str(info.value)
+    assert isinstance(info.value, ValueError)  # the library's "bad input" convention (CLIs exit 2)
+
+
+def test_broken_sentencepiece_model_names_the_file(tmp_path, tiny_sp_tokenizer_dir):
+    from z2all.tokenizer import TokenizerFileError
+
+    broken = _copy_dir(tiny_sp_tokenizer_dir, tmp_path / "tok")
+    (broken / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerFileError, match=f"{broken / 'tokenizer.model'}: not a sentencepiece model"):
+        Z2allTokenizer.from_pretrained(broken)

@@ -25,7 +25,8 @@ def test_cli_trains_from_folder_of_mixed_formats(tmp_path):
     cmd += ["--vocab_size=400", "--tokenizer_type=hf_bbpe", "--max_chars=100000"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "invalid_json=1" in res.stdout and "a.jsonl:line 36" in res.stdout
+    assert res.stdout == f"{out}\n"  # the result; the read report is a log line on stderr
+    assert "invalid_json=1" in res.stderr and "a.jsonl:line 36" in res.stderr
     tok = Z2allTokenizer.from_pretrained(out)
     assert tok.tokenizer_type == "hf_bbpe" and tok.eos_id == 2
     for name in (
@@ -119,3 +120,53 @@ def test_max_chars_cuts_the_corpus_exactly(tmp_path):
         got = list(corpus_texts(cfg, ReadStats()))
         assert got == expected(limit), limit
         assert sum(map(len, got)) == (min(limit, total) if limit else total) and all(got), limit
+
+
+@pytest.mark.parametrize("tokenizer_type", ["hf_bbpe", "sp_bbpe"])
+def test_zero_documents_is_refused_and_nothing_is_saved(tmp_path, tokenizer_type):
+    """hf_bbpe used to save a 272-token "tokenizer" (16 specials + 256 bytes) that looked finished."""
+    save = tmp_path / "tok"
+    cfg = TokenizerTrainConfig(
+        data_dir="corpus/", save_dir=str(save), vocab_size=400, tokenizer_type=tokenizer_type, num_threads=1
+    )
+    with pytest.raises(ValueError, match="--data_dir=corpus/: no documents to train on; nothing saved"):
+        train_tokenizer(iter([]), cfg)
+    assert not save.exists()
+
+
+@pytest.mark.parametrize("tokenizer_type", ["hf_bbpe", "sp_bbpe"])
+def test_an_unreadable_file_while_training_keeps_its_own_error(tmp_path, tokenizer_type):
+    """sentencepiece turned an error of its text iterator into ``RuntimeError: INTERNAL: ...``."""
+    from z2all.data.readers import DataFileError
+
+    def texts():
+        yield from BUILTIN_TEXTS * 5
+        raise DataFileError("x.parquet: corrupt or unreadable parquet data in row group 1 of 3")
+
+    cfg = TokenizerTrainConfig(
+        save_dir=str(tmp_path / "tok"), vocab_size=400, tokenizer_type=tokenizer_type, num_threads=1
+    )
+    with pytest.raises(DataFileError, match="x.parquet: corrupt"):
+        train_tokenizer(texts(), cfg)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_a_vocabulary_smaller_than_asked_is_a_warning(tmp_path, z2all_log):
+    cfg = TokenizerTrainConfig(save_dir=str(tmp_path / "tok"), vocab_size=5000, num_threads=1)
+    tok = Z2allTokenizer.from_pretrained(train_tokenizer(["tiny corpus, tiny vocabulary"] * 3, cfg))
+    assert tok.vocab_size < 5000
+    assert f"vocabulary {tok.vocab_size} < --vocab_size=5000: 3 documents" in z2all_log.text
+
+
+def test_cli_corpus_without_a_good_document_exits_2_naming_the_folder(tmp_path, capsys):
+    from z2all.tokenizer.train_tokenizer import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": ""}\n{broken\n')
+    assert main([f"--data_dir={data}", f"--save_dir={tmp_path / 'tok'}", "--vocab_size=400"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"train_tokenizer: error: --data_dir={data}: no documents to train on" in err
+    assert "0 good records, 2 bad records skipped" in err  # the read report says why
+    assert not (tmp_path / "tok").exists()

@@ -5,8 +5,13 @@ Formats (byte tables in ``docs/data.md``):
 * ``<name>.bin``: the token ids of every document, each followed by EOS, as raw little-endian
   ``uint16`` (vocab <= 65536) or ``uint32``. No header, so ``np.memmap`` maps it directly.
 * ``<name>.bin.json``: the sidecar, written last. Its presence certifies the ``.bin`` is complete; it holds
-  dtype, vocab size, tokenizer fingerprint, token/document counts, the source file's size and mtime, the
-  bad-record summary and a random ``bin_id`` that changes on every rewrite.
+  dtype, vocab size, tokenizer fingerprint, token/document counts, the largest token id, the source
+  file's size and mtime, the bad-record summary and a random ``bin_id`` that changes on every rewrite.
+* ``pretokenize_manifest.json`` (:data:`MANIFEST_NAME`) at the top of a pretokenize run's output folder:
+  written atomically LAST, and deleted first by the next run, so its presence certifies that the run
+  finished. It lists every ``.bin`` of the run with its ``bin_id`` and the source files skipped as
+  unreadable (``--allow_bad_files``). The index builder and the dataset refuse a ``.bin`` that no
+  finished run lists: one bad file can no longer leave a half-written folder that trains silently.
 * ``<name>.ibin``: the sample index for one ``max_seq_len`` L: a 64-byte header then ``uint64`` start
   offsets. Sample ``k`` is the window ``bin[start_k : start_k + L + 1]`` (overlap-by-one packing as in
   nanoGPT / llama2.c: consecutive windows share one token, ``x = w[:-1]``, ``y = w[1:]``), so reading a
@@ -19,6 +24,7 @@ here, the dataset reads and validates them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import struct
@@ -28,7 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from z2all.atomic import atomic_write_json, fsync_dir
+
+log = logging.getLogger(__name__)
+
 BIN_FORMAT = "z2all-pretok-v1"
+MANIFEST_NAME = "pretokenize_manifest.json"  # z2all.data.readers never reads it as corpus
+MANIFEST_FORMAT = "z2all-pretok-manifest-v1"
+_RERUN_PRETOKENIZE = (
+    "rerun python -m data_preprocess.pretokenize_pretrain_data with the same --data_dir and --save_dir "
+    "(finished files are skipped)"
+)
 SIDECAR_SUFFIX = ".json"  # full name: <name>.bin.json
 IBIN_MAGIC = b"Z2ALLIDX"
 IBIN_VERSION = 1
@@ -102,6 +118,111 @@ def read_sidecar(bin_path: str | os.PathLike, check_size: bool = True) -> dict:
     return meta
 
 
+def max_token_id(meta: dict) -> int | None:
+    """The largest id of the sidecar's ``.bin`` (-1 when it holds no token); None in sidecars written
+    before the field existed."""
+    value = meta.get("max_token_id")
+    return None if value is None else int(value)
+
+
+# --------------------------------------------------------------------------------------------- manifest
+def write_manifest(folder: str | os.PathLike, bin_ids: dict[Path, str], bad_files: dict[str, str]) -> Path:
+    """Mark the pretokenize run that wrote ``folder`` finished; the caller writes it after every ``.bin``.
+
+    ``bin_ids``: each ``.bin`` of the run (under ``folder``) -> its sidecar's ``bin_id``;
+    ``bad_files``: source file -> why it was skipped.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    atomic_write_json(
+        path,
+        {
+            "format": MANIFEST_FORMAT,
+            "bins": {p.relative_to(folder).as_posix(): bid for p, bid in sorted(bin_ids.items())},
+            "bad_files": dict(sorted(bad_files.items())),
+        },
+    )
+    return path
+
+
+def remove_manifest(folder: str | os.PathLike) -> None:
+    """Unmark ``folder`` before a run changes anything in it (durably: a crash cannot bring it back)."""
+    path = Path(folder) / MANIFEST_NAME
+    if path.exists():
+        path.unlink()
+        fsync_dir(path.parent)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        m = json.loads(path.read_text("utf-8"))
+        ok = m["format"] == MANIFEST_FORMAT and isinstance(m["bins"], dict)
+        ok = ok and isinstance(m["bad_files"], dict)
+    except (ValueError, KeyError, TypeError) as e:
+        raise PretokFormatError(f"{path}: not a pretokenize manifest ({e}); {_RERUN_PRETOKENIZE}") from e
+    if not ok:
+        raise PretokFormatError(f"{path}: not a {MANIFEST_FORMAT} manifest; {_RERUN_PRETOKENIZE}")
+    return m
+
+
+def check_pretokenize_finished(data_dir: str | os.PathLike, metas: dict[Path, dict]) -> None:
+    """Refuse ``.bin`` files that no finished pretokenize run vouches for.
+
+    ``metas``: every ``.bin`` under ``data_dir`` -> its sidecar. A ``.bin`` belongs to the run whose
+    :data:`MANIFEST_NAME` is nearest (its folder or the closest one above); that manifest must list it
+    with its ``bin_id``, and every ``.bin`` a manifest lists inside ``data_dir`` must still exist.
+    Source files a run skipped with ``--allow_bad_files`` are logged as a warning.
+    """
+    root = Path(data_dir).resolve()
+    nearest: dict[Path, Path | None] = {}  # folder -> its manifest
+    manifests: dict[Path, dict] = {}
+
+    def manifest_of(folder: Path) -> Path | None:
+        if folder not in nearest:
+            here = folder / MANIFEST_NAME
+            if here.is_file():
+                nearest[folder] = here
+            elif folder.parent == folder:  # the filesystem root
+                nearest[folder] = None
+            else:
+                nearest[folder] = manifest_of(folder.parent)
+        return nearest[folder]
+
+    for b, meta in metas.items():
+        m = manifest_of(b.resolve().parent)  # a symlinked .bin belongs to the run that wrote its target
+        if m is None:
+            raise PretokFormatError(
+                f"{b.parent}: no {MANIFEST_NAME} here or above, so the pretokenize run that wrote {b.name} "
+                f"did not finish (or an older z2all wrote it); {_RERUN_PRETOKENIZE}"
+            )
+        if m not in manifests:
+            manifests[m] = _read_manifest(m)
+        listed = manifests[m]["bins"].get(b.resolve().relative_to(m.parent).as_posix())
+        if listed is None:
+            raise PretokFormatError(
+                f"{b}: not written by the finished pretokenize run of {m} (a leftover of another run, or "
+                f"its source was removed); delete it, or {_RERUN_PRETOKENIZE}"
+            )
+        if listed != meta["bin_id"]:
+            raise PretokFormatError(
+                f"{b}: rewritten after the pretokenize run of {m} finished (other bin_id); "
+                f"{_RERUN_PRETOKENIZE}"
+            )
+    for m, manifest in manifests.items():
+        for rel in manifest["bins"]:
+            p = m.parent / rel
+            if p.is_relative_to(root) and not p.is_file():
+                raise PretokFormatError(f"{m} lists {rel}, which is missing; {_RERUN_PRETOKENIZE}")
+        if manifest["bad_files"]:
+            log.warning(
+                "%s: pretokenize skipped %d unreadable source files (--allow_bad_files): %s",
+                m,
+                len(manifest["bad_files"]),
+                ", ".join(manifest["bad_files"]),
+            )
+
+
+# ------------------------------------------------------------------------------------------ sample index
 @dataclass(frozen=True)
 class IbinHeader:
     max_seq_len: int
@@ -130,6 +251,30 @@ class IbinHeader:
         return cls(seq_len, n, ntok, bin_id)
 
 
+def check_ibin(ip: Path, meta: dict, max_seq_len: int) -> IbinHeader:
+    """The header of ``ip`` if it is the complete index of the sidecar's ``.bin`` for ``max_seq_len``.
+
+    Complete means: header for this L, this ``bin_id`` and token count, ``num_windows`` samples, and a
+    file of exactly ``64 + 8 * num_samples`` bytes (a truncated index fails here, not on a later read).
+    Raises :class:`PretokFormatError` saying which of these fails.
+    """
+    num_tokens = int(meta["num_tokens"])
+    h = IbinHeader.read(ip)
+    if h.max_seq_len != max_seq_len:
+        raise PretokFormatError(f"{ip}: built for max_seq_len={h.max_seq_len}, not {max_seq_len}")
+    if h.bin_id != bytes.fromhex(meta["bin_id"]) or h.num_tokens != num_tokens:
+        raise PretokFormatError(f"{ip}: stale, built for an older version of {ip.with_suffix('.bin').name}")
+    expected_n = num_windows(num_tokens, max_seq_len)
+    if h.num_samples != expected_n:
+        raise PretokFormatError(f"{ip}: header says {h.num_samples} samples, the .bin holds {expected_n}")
+    size, expected = ip.stat().st_size, IBIN_HEADER.size + h.num_samples * OFFSET_DTYPE.itemsize
+    if size != expected:
+        raise PretokFormatError(
+            f"{ip}: size {size} bytes, expected {expected} for {h.num_samples} samples (truncated?)"
+        )
+    return h
+
+
 def num_windows(num_tokens: int, max_seq_len: int) -> int:
     """Windows of L+1 tokens starting every L tokens that fit in ``num_tokens`` tokens."""
     return max(0, (num_tokens - 1) // max_seq_len)
@@ -148,6 +293,8 @@ class _Shard:
     dtype: np.dtype
     num_tokens: int
     num_samples: int
+    vocab_size: int  # of the tokenizer that wrote it: every id must be below
+    max_token_id: int | None  # recorded by pretokenize; None in older sidecars
 
 
 class PretokDatasetWithIndex(torch.utils.data.Dataset):
@@ -195,10 +342,11 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"{self.data_dir}: no .bin files (run data_preprocess.pretokenize_pretrain_data)"
             )
+        metas = {b: read_sidecar(b) for b in bins}
+        check_pretokenize_finished(self.data_dir, metas)
         self._shards: list[_Shard] = []
         fingerprints: dict[str, Path] = {}
-        for b in bins:
-            meta = read_sidecar(b)
+        for b, meta in metas.items():
             fp = meta["tokenizer_fingerprint"]
             if expected_fp is not None and fp != expected_fp:
                 raise PretokFormatError(
@@ -224,26 +372,44 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
         self._fds: dict[Path, int] = {}
 
     def _check_index(self, b: Path, meta: dict) -> _Shard:
-        num_tokens = int(meta["num_tokens"])
         ip = ibin_path(b)
+        rebuild = (
+            f"python -m data_preprocess.build_pretrain_sample_index_map --data_dir={self.data_dir} "
+            f"--max_seq_len={self.max_seq_len}"
+        )
         if not ip.is_file():
-            raise PretokFormatError(
-                f"{b}: no sample index {ip.name}; run python -m "
-                f"data_preprocess.build_pretrain_sample_index_map --data_dir={self.data_dir} "
-                f"--max_seq_len={self.max_seq_len}"
+            raise PretokFormatError(f"{b}: no sample index {ip.name}; run {rebuild}")
+        try:
+            h = check_ibin(ip, meta, self.max_seq_len)
+        except PretokFormatError as e:
+            raise PretokFormatError(f"{e}; rebuild it: {rebuild}") from None
+        return _Shard(
+            b,
+            ip,
+            np.dtype(meta["dtype"]),
+            int(meta["num_tokens"]),
+            h.num_samples,
+            int(meta["vocab_size"]),
+            max_token_id(meta),
+        )
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Refuse, before training starts, a corpus whose recorded largest id has no row in an embedding
+        of ``vocab_size`` rows (the model's); torch.embedding would fail on it only when it is drawn."""
+        unknown = [s.bin_path.name for s in self._shards if s.max_token_id is None]
+        if unknown:
+            log.debug(
+                "%d .bin files record no max_token_id (pretokenized by an older z2all): ids checked per "
+                "sample only: %s",
+                len(unknown),
+                ", ".join(unknown[:5]),
             )
-        h = IbinHeader.read(ip)
-        if h.max_seq_len != self.max_seq_len:
-            raise PretokFormatError(
-                f"{ip}: built for max_seq_len={h.max_seq_len}, not {self.max_seq_len}; rebuild it with "
-                f"build_pretrain_sample_index_map --max_seq_len={self.max_seq_len}"
-            )
-        if h.bin_id != bytes.fromhex(meta["bin_id"]) or h.num_tokens != num_tokens:
-            raise PretokFormatError(f"{ip}: stale, built for an older version of {b.name}; rebuild the index")
-        expected = IBIN_HEADER.size + h.num_samples * OFFSET_DTYPE.itemsize
-        if ip.stat().st_size != expected or h.num_samples != num_windows(num_tokens, self.max_seq_len):
-            raise PretokFormatError(f"{ip}: size {ip.stat().st_size} bytes, expected {expected}; rebuild it")
-        return _Shard(b, ip, np.dtype(meta["dtype"]), num_tokens, h.num_samples)
+        for s in self._shards:
+            if s.max_token_id is not None and s.max_token_id >= vocab_size:
+                raise PretokFormatError(
+                    f"{s.bin_path}: holds token id {s.max_token_id}, but the model has {vocab_size} "
+                    "embedding rows; pretokenize with the model's tokenizer"
+                )
 
     def __len__(self) -> int:
         return self.num_valid if self.split == "valid" else self.total_samples - self.num_valid
@@ -293,7 +459,17 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
         start = int(np.frombuffer(raw, dtype=OFFSET_DTYPE)[0])
         n = self.max_seq_len + 1
         raw = self._pread(sh.bin_path, n * sh.dtype.itemsize, start * sh.dtype.itemsize)
-        window = torch.from_numpy(np.frombuffer(raw, dtype=sh.dtype).astype(np.int64))  # (L+1,)
+        tokens = np.frombuffer(raw, dtype=sh.dtype)  # (L+1,)
+        # One vectorised max per sample: a corrupted id stops here, naming the file and offset, instead
+        # of an IndexError from torch.embedding steps later.
+        if int(tokens.max()) >= sh.vocab_size:
+            k = int(np.argmax(tokens >= sh.vocab_size))
+            raise PretokFormatError(
+                f"{sh.bin_path}: token id {int(tokens[k])} at token {start + k} (byte "
+                f"{(start + k) * sh.dtype.itemsize}) is not below the tokenizer's vocab_size "
+                f"{sh.vocab_size}: the file is corrupted; delete it and rerun pretokenize"
+            )
+        window = torch.from_numpy(tokens.astype(np.int64))  # (L+1,)
         return window[:-1], window[1:]
 
     def __getstate__(self):

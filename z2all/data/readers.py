@@ -6,8 +6,9 @@ top-level array) is streamed with ijson, ``.parquet`` is read one record batch a
 Bad records are skipped, counted per kind in a :class:`ReadStats` and the first few are kept with their
 file and position, so a summary at the end says exactly what was dropped. Positions are ``line N``
 (1-based) for .jsonl/.txt, ``item N`` (0-based index in the array) for .json and ``row N`` (0-based)
-for .parquet. A file that cannot be opened or is not of its format at all raises :class:`DataFileError`
-naming it.
+for .parquet. A file that cannot be opened, is not of its format at all, or fails mid-read (a corrupt
+parquet page, an I/O error) raises :class:`DataFileError` naming it and where it stopped (line, item, or
+parquet row group and row).
 
 Kinds of bad records:
 
@@ -40,9 +41,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 DEFAULT_TEXT_FIELDS = ("text", "content")
 BAD_KINDS = ("invalid_json", "invalid_utf8", "not_an_object", "missing_field", "wrong_type", "empty_text")
-# Files our own tools write next to data (pretokenize sidecars); never read as corpus.
-# Metadata written next to data by z2all tools; never read as corpus.
+# Metadata written next to data by z2all tools (pretokenize sidecars and the run manifest, whose name
+# z2all.data.pretrain_dataset.MANIFEST_NAME owns); never read as corpus.
 _SIDECAR_SUFFIXES = (".bin.json", ".ibin.json", ".sft.json")
+_TOOL_FILE_NAMES = ("pretokenize_manifest.json",)
 _PARQUET_BATCH_ROWS = 1024
 # A "\uD800".."\uDFFF" JSON escape that is not half of a high+low pair: valid JSON, not encodable UTF-8.
 _LONE_SURROGATE_ESCAPE = re.compile(
@@ -114,7 +116,9 @@ def list_data_files(data_dir: str | os.PathLike) -> list[Path]:
         rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
             continue
-        if p.suffix in SUPPORTED_SUFFIXES and not p.name.endswith(_SIDECAR_SUFFIXES):
+        if p.name in _TOOL_FILE_NAMES or p.name.endswith(_SIDECAR_SUFFIXES):
+            continue
+        if p.suffix in SUPPORTED_SUFFIXES:
             files.append(p)
     return files
 
@@ -199,25 +203,33 @@ def _open_binary(path: Path):
 
 
 # --------------------------------------------------------------------------------------------- formats
+def _read_failed(path: Path, where: str, e: OSError) -> DataFileError:
+    return DataFileError(f"{path}: read failed {where}: {e}")
+
+
 def _iter_jsonl(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue  # blank lines separate nothing and hold nothing
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as e:
-                stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                stats.add_bad(path, f"line {lineno}", "invalid_json", e.msg)
-                continue
-            if not isinstance(rec, dict):
-                stats.add_bad(path, f"line {lineno}", "not_an_object", type(rec).__name__)
-                continue
-            yield lineno, rec
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue  # blank lines separate nothing and hold nothing
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
+                except UnicodeDecodeError as e:
+                    stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    stats.add_bad(path, f"line {lineno}", "invalid_json", e.msg)
+                    continue
+                if not isinstance(rec, dict):
+                    stats.add_bad(path, f"line {lineno}", "not_an_object", type(rec).__name__)
+                    continue
+                yield lineno, rec
+        except OSError as e:
+            raise _read_failed(path, f"after line {lineno}", e) from e
 
 
 def _has_lone_surrogate_escape(f) -> bool:
@@ -250,23 +262,25 @@ def _iter_json_array(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]
     import ijson
 
     with _open_binary(path) as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if not head.startswith(b"["):
-            raise DataFileError(
-                f"{path}: a .json data file must be one top-level JSON array of records "
-                "(use .jsonl for one object per line)"
-            )
-        # The pure-Python backend keeps a lone surrogate in the str, so _check_text / the SFT validators
-        # count the record as invalid_utf8; it is slower, so only files that need it use it.
-        parser = ijson.get_backend("python") if _has_lone_surrogate_escape(f) else ijson
         index = 0
         try:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            if not head.startswith(b"["):
+                raise DataFileError(
+                    f"{path}: a .json data file must be one top-level JSON array of records "
+                    "(use .jsonl for one object per line)"
+                )
+            # The pure-Python backend keeps a lone surrogate in the str, so _check_text / the SFT
+            # validators count the record as invalid_utf8; it is slower, so only files that need it use it.
+            parser = ijson.get_backend("python") if _has_lone_surrogate_escape(f) else ijson
             for rec in parser.items(f, "item", use_float=True):
                 if not isinstance(rec, dict):
                     stats.add_bad(path, f"item {index}", "not_an_object", type(rec).__name__)
                 else:
                     yield index, rec
                 index += 1
+        except OSError as e:
+            raise _read_failed(path, f"at item {index}", e) from e
         except ijson.JSONError as e:
             # A streaming parser cannot resynchronise inside an array: the rest of the file is lost.
             msg = str(e)
@@ -276,15 +290,14 @@ def _iter_json_array(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]
             logger.warning("%s: %s at item %d; the rest of this file is skipped", path, kind, index)
 
 
-def _parquet_batches(pf, columns: list[str] | None):
-    """Record batches, one row group at a time.
+def _row_group_batches(pf, rg: int, columns: list[str] | None):
+    """Record batches of row group ``rg``.
 
     ``ParquetFile.iter_batches`` over the whole file reads ahead: with pyarrow 26 its buffers grow with
     the file (10 MB held for an 8 MB file, 27 MB for 24 MB). Asking for one row group per call keeps
     Arrow's memory at about one decoded row group, whatever the number of row groups.
     """
-    for rg in range(pf.num_row_groups):
-        yield from pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns, row_groups=[rg])
+    return pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns, row_groups=[rg])
 
 
 def _iter_parquet(path: Path, fields: tuple[str, ...] | None, stats: ReadStats) -> Iterator[tuple[int, dict]]:
@@ -303,46 +316,56 @@ def _iter_parquet(path: Path, fields: tuple[str, ...] | None, stats: ReadStats) 
             raise DataFileError(f"{path}: no column {' or '.join(map(repr, fields))} (columns: {names})")
         columns = found[:1]
     row = 0
-    try:
-        for batch in _parquet_batches(pf, columns):
-            for rec in batch.to_pylist():
-                for k, v in rec.items():
-                    if isinstance(v, bytes):  # binary column: decode ourselves to catch bad UTF-8
-                        try:
-                            rec[k] = v.decode("utf-8")
-                        except UnicodeDecodeError as e:
-                            rec[k] = None
-                            stats.add_bad(path, f"row {row}", "invalid_utf8", f"column {k!r} byte {e.start}")
-                            rec = None
-                            break
-                if rec is not None:
-                    yield row, rec
-                row += 1
-    except pa.ArrowException as e:
-        raise DataFileError(f"{path}: parquet read failed at row {row}: {e}") from e
+    for rg in range(pf.num_row_groups):
+        try:
+            for batch in _row_group_batches(pf, rg, columns):
+                # A corrupt page fails here: decompression (OSError "Corrupt snappy compressed data."),
+                # decoding (ArrowException), or a string column holding non-UTF-8 bytes (UnicodeDecodeError).
+                for rec in batch.to_pylist():
+                    for k, v in rec.items():
+                        if isinstance(v, bytes):  # binary column: decode ourselves to catch bad UTF-8
+                            try:
+                                rec[k] = v.decode("utf-8")
+                            except UnicodeDecodeError as e:
+                                stats.add_bad(
+                                    path, f"row {row}", "invalid_utf8", f"column {k!r} byte {e.start}"
+                                )
+                                rec = None
+                                break
+                    if rec is not None:
+                        yield row, rec
+                    row += 1
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            raise DataFileError(
+                f"{path}: corrupt or unreadable parquet data in row group {rg} of {pf.num_row_groups} "
+                f"(at row {row}): {e}"
+            ) from e
 
 
 def _iter_txt(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
     """Yield ``(first line number, paragraph)``; paragraphs are separated by blank lines."""
     with _open_binary(path) as f:
         buf: list[str] = []
-        start = 0
+        start = lineno = 0
         broken = False
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if not broken:
-                    stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
-                broken = True
-                line = "x\n"  # placeholder: keeps the paragraph open so the whole paragraph is skipped
-            if line.strip():
-                if not buf:
-                    start = lineno
-                buf.append(line)
-                continue
-            if buf and not broken:
-                yield start, "".join(buf).rstrip("\r\n")
-            buf, broken = [], False
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if not broken:
+                        stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
+                    broken = True
+                    line = "x\n"  # placeholder: keeps the paragraph open so the whole paragraph is skipped
+                if line.strip():
+                    if not buf:
+                        start = lineno
+                    buf.append(line)
+                    continue
+                if buf and not broken:
+                    yield start, "".join(buf).rstrip("\r\n")
+                buf, broken = [], False
+        except OSError as e:
+            raise _read_failed(path, f"after line {lineno}", e) from e
         if buf and not broken:
             yield start, "".join(buf).rstrip("\r\n")

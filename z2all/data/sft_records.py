@@ -135,22 +135,26 @@ def iter_json_records(path: str | os.PathLike, stats: ReadStats) -> Iterator[tup
     except OSError as e:
         raise DataFileError(f"cannot read data file {path}: {e}") from e
     with f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                # utf-8-sig on line 1: files saved by some Windows editors start with a BOM.
-                record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-            except UnicodeDecodeError as e:
-                stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
-                continue
-            except json.JSONDecodeError as e:
-                stats.add_bad(path, f"line {lineno}", "invalid_json", f"{e.msg} at column {e.colno}")
-                continue
-            if not isinstance(record, (dict, list)):
-                stats.add_bad(path, f"line {lineno}", "not_an_object", type(record).__name__)
-                continue
-            yield f"{path}:line {lineno}", record
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    # utf-8-sig on line 1: files saved by some Windows editors start with a BOM.
+                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                except UnicodeDecodeError as e:
+                    stats.add_bad(path, f"line {lineno}", "invalid_utf8", f"byte {e.start}")
+                    continue
+                except json.JSONDecodeError as e:
+                    stats.add_bad(path, f"line {lineno}", "invalid_json", f"{e.msg} at column {e.colno}")
+                    continue
+                if not isinstance(record, (dict, list)):
+                    stats.add_bad(path, f"line {lineno}", "not_an_object", type(record).__name__)
+                    continue
+                yield f"{path}:line {lineno}", record
+        except OSError as e:  # the same message as the shared reader's (z2all.data.readers)
+            raise DataFileError(f"{path}: read failed after line {lineno}: {e}") from e
 
 
 @dataclass

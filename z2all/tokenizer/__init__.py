@@ -11,7 +11,7 @@ from z2all.tokenizer.special_tokens import (
     SPECIAL_IDS,
     SPECIAL_TOKENS,
 )
-from z2all.tokenizer.tokenizer import Z2allTokenizer
+from z2all.tokenizer.tokenizer import TokenizerFileError, Z2allTokenizer
 from z2all.tokenizer.trainer import TOKENIZER_TYPES, TokenizerTrainConfig, train_tokenizer
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SPECIAL_IDS",
     "SPECIAL_TOKENS",
     "TOKENIZER_TYPES",
+    "TokenizerFileError",
     "TokenizerTrainConfig",
     "Z2allTokenizer",
     "train_tokenizer",

@@ -20,13 +20,30 @@ from z2all.tokenizer import special_tokens as st
 _SP_SPACE = "\u2581"
 
 
+class TokenizerFileError(ValueError):
+    """A file of a tokenizer folder that cannot be loaded (not JSON, not a tokenizer, missing special
+    tokens); the message names the file and, for JSON, the line and column."""
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(f"{path}: not UTF-8 text (byte {e.start}); is it a tokenizer file?") from e
+    except json.JSONDecodeError as e:
+        raise TokenizerFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
 class _HFBackend:
     """tokenizer.json through HF ``tokenizers`` (Rust)."""
 
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception ("data did not match any variant ...")
+            raise TokenizerFileError(f"{path}: not a tokenizers file ({e})") from e
         # Added (special) tokens are not split out of the input: "<|im_end|>" in text stays text.
         self.tok.encode_special_tokens = True
         self._fast = hasattr(self.tok, "encode_batch_fast")
@@ -64,7 +81,10 @@ class _SPBackend:
     def __init__(self, path: Path):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerFileError(f"{path}: not a sentencepiece model ({e})") from e
         self._space_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SP_SPACE.encode("utf-8")]
 
     def vocab_size(self) -> int:
@@ -114,7 +134,7 @@ class Z2allTokenizer:
         for s in (st.UNK, st.BOS, st.EOS, st.PAD, st.IM_START, st.IM_END):
             i = backend.token_to_id(s)
             if i is None:
-                raise ValueError(f"{self.tok_dir}: tokenizer has no special token {s!r}")
+                raise TokenizerFileError(f"{self.tok_dir}: tokenizer has no special token {s!r}")
             ids[s] = i
         self.unk_id, self.bos_id, self.eos_id = ids[st.UNK], ids[st.BOS], ids[st.EOS]
         self.pad_id, self.im_start_id, self.im_end_id = ids[st.PAD], ids[st.IM_START], ids[st.IM_END]
@@ -134,10 +154,10 @@ class Z2allTokenizer:
         meta_file = tok_dir / "z2all_tokenizer.json"
         tokenizer_type = "hf_bbpe"
         if meta_file.is_file():
-            try:
-                tokenizer_type = json.loads(meta_file.read_text("utf-8"))["tokenizer_type"]
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{meta_file}: not a valid z2all tokenizer description ({e})") from e
+            meta = _read_json(meta_file)
+            if not isinstance(meta, dict) or "tokenizer_type" not in meta:
+                raise TokenizerFileError(f"{meta_file}: no tokenizer_type: not a z2all tokenizer description")
+            tokenizer_type = meta["tokenizer_type"]
         if tokenizer_type == "sp_bbpe":
             model_file = tok_dir / "tokenizer.model"
             if not model_file.is_file():
@@ -148,11 +168,12 @@ class Z2allTokenizer:
             json_file = tok_dir / "tokenizer.json"
             if not json_file.is_file():
                 raise FileNotFoundError(f"{json_file} missing: not a tokenizer folder")
-            backend = _HFBackend(json_file)
+            # Parsed here first: a JSON error then names its line; tokenizers' own message does not.
             # Canonical JSON so re-serialising the same tokenizer keeps the fingerprint.
-            content = json.dumps(json.loads(json_file.read_text("utf-8")), sort_keys=True).encode("utf-8")
+            content = json.dumps(_read_json(json_file), sort_keys=True).encode("utf-8")
+            backend = _HFBackend(json_file)
         else:
-            raise ValueError(f"{meta_file}: unknown tokenizer_type {tokenizer_type!r}")
+            raise TokenizerFileError(f"{meta_file}: unknown tokenizer_type {tokenizer_type!r}")
         fingerprint = hashlib.sha256(tokenizer_type.encode() + b"\0" + content).hexdigest()
         return cls(tok_dir, tokenizer_type, backend, fingerprint)
 

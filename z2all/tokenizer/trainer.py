@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from z2all.tokenizer.chunked import hf_training_texts, sp_training_sentences
 from z2all.tokenizer.special_tokens import (
     BOS,
     CHAT_TEMPLATE,
@@ -72,7 +73,8 @@ class TokenizerTrainConfig:
     character_coverage: float = 0.9995
     """sp_bbpe: share of characters kept as symbols; the rest fall back to bytes. Lower it for tiny vocabs."""
     max_sentence_bytes: int = 8192
-    """sp_bbpe: documents are cut at line ends into training pieces of at most this many UTF-8 bytes."""
+    """sp_bbpe: documents are cut into training pieces of at most this many UTF-8 bytes, before a space
+    (else before a line break; ``z2all.tokenizer.chunked``). sentencepiece silently skips longer ones."""
     sp_input_sentence_size: int = 10_000_000
     """sp_bbpe: train on at most this many pieces (sentencepiece's ``input_sentence_size``; 0 = all).
     sentencepiece holds every piece it trains on in memory (~tens of GB for a 10 GB corpus), so the
@@ -97,20 +99,67 @@ class TokenizerTrainConfig:
             self.num_threads = os.cpu_count() or 1
 
 
+class _TextStream:
+    """The training texts, counted as the trainer takes them.
+
+    An exception raised while producing them (a corrupt data file) ends the iteration and is kept, so
+    :func:`train_tokenizer` re-raises it unchanged: sentencepiece would turn it into
+    ``RuntimeError("INTERNAL: ...")``, which no longer names the error's type.
+    """
+
+    def __init__(self, texts: Iterable[str]):
+        self._texts = texts
+        self.count = 0
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for text in self._texts:
+                self.count += 1
+                yield text
+        except Exception as e:
+            self.error = e
+
+
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> Path:
-    """Train on ``texts`` and save to ``cfg.save_dir``; returns the folder."""
+    """Train on ``texts`` and save to ``cfg.save_dir``; returns the folder.
+
+    Nothing is written unless training succeeded on at least one text: 0 texts would give a tokenizer of
+    the 256 bytes only, smaller than ``cfg.vocab_size``, that looks like a finished one.
+    """
     save_dir = Path(cfg.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.tokenizer_type == "hf_bbpe":
-        tokenizer_json = _train_hf_bbpe(texts, cfg)
-    else:
-        model_bytes = _train_sp_bbpe(texts, cfg)
+    stream = _TextStream(texts)
+    model_bytes = None
+    try:
+        if cfg.tokenizer_type == "hf_bbpe":
+            tokenizer_json = _train_hf_bbpe(stream, cfg)
+        else:
+            model_bytes = _train_sp_bbpe(stream, cfg)
+            tokenizer_json = sp_model_to_tokenizer_json(model_bytes)
+    except RuntimeError:
+        if stream.error is None and stream.count:
+            raise
+        # sentencepiece fails on an empty or cut-short stream; the checks below say why.
+    if stream.error is not None:
+        raise stream.error
+    if not stream.count:
+        where = f"--data_dir={cfg.data_dir}" if cfg.data_dir else "the training texts"
+        raise ValueError(f"{where}: no documents to train on; nothing saved to {save_dir}")
+    if model_bytes is not None:
         atomic_write_bytes(save_dir / "tokenizer.model", model_bytes)
-        tokenizer_json = sp_model_to_tokenizer_json(model_bytes)
     atomic_write_text(save_dir / "tokenizer.json", tokenizer_json)
     vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"])
     write_config_files(save_dir, cfg.tokenizer_type, vocab_size)
     logger.info("saved %s tokenizer (vocab %d) to %s", cfg.tokenizer_type, vocab_size, save_dir)
+    if vocab_size < cfg.vocab_size:
+        logger.warning(
+            "%s: vocabulary %d < --vocab_size=%d: %d documents held too few distinct pairs to learn more "
+            "merges; train on more text for the full size",
+            save_dir,
+            vocab_size,
+            cfg.vocab_size,
+            stream.count,
+        )
     return save_dir
 
 
@@ -164,7 +213,9 @@ def _train_hf_bbpe(texts: Iterable[str], cfg: TokenizerTrainConfig) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    # Long documents reach the trainer in pieces cut where the pre-tokenizer never merges across:
+    # the same pair counts, with memory bounded per piece (z2all.tokenizer.chunked).
+    tok.train_from_iterator(hf_training_texts(texts), trainer=trainer)
     for i, s in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(s) != i:
             raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
@@ -172,31 +223,6 @@ def _train_hf_bbpe(texts: Iterable[str], cfg: TokenizerTrainConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sp_bbpe
-def _sentence_pieces(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
-    """Cut documents at line ends into pieces of <= max_bytes UTF-8 bytes (sentencepiece skips longer
-    sentences). Newlines stay attached to their line so the trainer still sees them."""
-    for text in texts:
-        if len(text.encode("utf-8")) <= max_bytes:
-            yield text
-            continue
-        buf: list[str] = []
-        size = 0
-        for line in text.splitlines(keepends=True):
-            n = len(line.encode("utf-8"))
-            if buf and size + n > max_bytes:
-                yield "".join(buf)
-                buf, size = [], 0
-            if n > max_bytes:  # one huge line: hard-cut by characters
-                step = max(1, max_bytes // 4)
-                for i in range(0, len(line), step):
-                    yield line[i : i + step]
-                continue
-            buf.append(line)
-            size += n
-        if buf:
-            yield "".join(buf)
-
-
 def _train_sp_bbpe(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
     import sentencepiece as spm
 
@@ -216,7 +242,7 @@ def _train_sp_bbpe(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
 
 def _sp_train(spm, texts: Iterable[str], cfg: TokenizerTrainConfig, out: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentence_pieces(texts, cfg.max_sentence_bytes),
+        sentence_iterator=sp_training_sentences(texts, cfg.max_sentence_bytes),
         model_writer=out,
         model_type="bpe",
         vocab_size=cfg.vocab_size,

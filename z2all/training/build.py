@@ -240,6 +240,11 @@ def build_components(cfg: TrainConfig, device: torch.device) -> Components:
     _check_resume_tokenizer(cfg, fingerprint)
     train, valid = build_data(cfg, tok)
     model, mc = build_model(cfg, tok.vocab_size)
+    if cfg.task_type == "pretrain":  # an id past the embedding would crash torch.embedding mid-run
+        try:
+            train.check_token_ids(mc.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"--data_dir={cfg.data_dir}: {e}") from e
     ref_model = None
     if cfg.task_type == "dpo":
         # The frozen reference is the starting policy; DPO's implicit reward is measured against it.
