@@ -6,33 +6,96 @@
 
 Thin on purpose: parse the configuration, set up logging, call :func:`z2all.training.train`.
 Everything else lives in ``z2all/training`` (see docs/training.md).
+
+A user error (:data:`USER_ERRORS`: a bad flag, data file or checkpoint...) and a non-finite stop
+print one line ``train_my_ddp.py: error: ...`` on stderr (``rank R: `` first when there are several
+ranks; ``--debug`` adds the traceback) and exit with the code of ``z2all/training/exit_codes.py``.
+Any other exception is a bug: Python prints its traceback and exits 1.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import traceback
 
-from z2all.log import setup_logging
-from z2all.training import ConfigError, parse_args, train
+from z2all.data.chat import ChatFormatError
+from z2all.data.pretrain_dataset import PretokFormatError
+from z2all.data.readers import DataFileError
+from z2all.log import env_rank, setup_logging
+from z2all.tokenizer import TokenizerFileError
+from z2all.training import ConfigError, exit_codes, parse_args, train
+from z2all.training.checkpoint import (
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    NonFiniteStateError,
+    UnsafeCheckpointError,
+)
 from z2all.training.config import help_text
+from z2all.training.loop import NonFiniteStepError
+
+# What the person running the script must fix; each message names the flag, file or folder, and a
+# traceback would only bury that line. (Plain ValueErrors are not here: torch raises them for bugs.)
+USER_ERRORS = (
+    ConfigError,
+    DataFileError,  # z2all/data/readers.py
+    PretokFormatError,  # z2all/data/pretrain_dataset.py: a bad .bin / .ibin / sidecar
+    ChatFormatError,  # z2all/data/chat.py, with its DPORecordError and SFTRecordError
+    TokenizerFileError,  # z2all/tokenizer (build.py already turns it into ConfigError while building)
+    CorruptCheckpointError,
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    CheckpointWriteError,  # no space left on device during a save
+    FileNotFoundError,
+    PermissionError,
+)
+# The run diverged: restarting it unchanged would diverge again.
+NONFINITE_ERRORS = (NonFiniteStepError, NonFiniteStateError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    # a full disk outside a checkpoint save (config.json, metrics.jsonl) is the user's to fix too
+    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _report(e: BaseException, debug: bool) -> None:
+    """``train_my_ddp.py: error: [rank R: ]message`` on stderr; with --debug the traceback first."""
+    if debug:
+        traceback.print_exception(e)
+    message, rank = str(e), env_rank()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not message.startswith(f"rank {rank}:"):
+        message = f"rank {rank}: {message}"
+    print(f"train_my_ddp.py: error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
-        return 0
+        return exit_codes.OK
+    # --debug before parsing, for the traceback of a parse error
+    debug = any(
+        a == "--debug" or a.lower() in ("--debug=1", "--debug=true", "--debug=yes", "--debug=on")
+        for a in argv
+    )
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
-        print(f"train_my_ddp.py: error: {e}", file=sys.stderr)
-        return 2
+        _report(e, debug)
+        return exit_codes.USER_ERROR
     setup_logging(debug=cfg.debug)
     try:
         train(cfg)
-    except ConfigError as e:  # raised while building (bad data_dir, tokenizer, model config...)
-        print(f"train_my_ddp.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except NONFINITE_ERRORS as e:
+        _report(e, cfg.debug)
+        return exit_codes.NONFINITE
+    except Exception as e:
+        if not _is_user_error(e):
+            raise  # a bug: Python prints the traceback and exits with exit_codes.CRASH (1)
+        _report(e, cfg.debug)
+        return exit_codes.USER_ERROR
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 CommHook = Callable[[object, GradBucket], torch.futures.Future]
 
 
+class NonFiniteGradError(RuntimeError):
+    """``check_for_nan_in_grad`` found a NaN/Inf gradient; raised after every collective completed, on
+    every rank (the message names the rank and the parameters)."""
+
+
 def _strip_compile_prefix(name: str) -> str:
     """``_orig_mod.layers.0.w`` (a torch.compile'd module's name) -> ``layers.0.w``."""
     return name.replace("_orig_mod.", "")
@@ -480,12 +485,12 @@ class DistributedDataParallel(nn.Module):
         ]
         local_bad = [b.index for b, ok in zip(self.buckets, flags[:n], strict=True) if not ok]
         if local_bad:
-            raise RuntimeError(
+            raise NonFiniteGradError(
                 f"non-finite (NaN/Inf) gradient on rank {self.global_rank} (data-parallel rank "
                 f"{self.dp_rank}) before reduction, in bucket(s) {local_bad}; non-finite after reduction "
                 f"in parameter(s): {', '.join(names)}"
             )
-        raise RuntimeError(
+        raise NonFiniteGradError(
             f"non-finite (NaN/Inf) gradient after reduction on rank {self.global_rank}, in parameter(s): "
             f"{', '.join(names)}; it came from another rank, whose error names it"
         )

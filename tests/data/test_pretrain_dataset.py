@@ -290,13 +290,14 @@ def test_corrupted_token_id_is_caught_on_load_naming_file_and_offset(bin_dir):
     pos = 3 * L + 5  # inside sample 3 of a.bin, the folder's first file
     with open(bin_dir / "a.bin", "r+b") as f:
         f.seek(pos * 2)
-        f.write(b"\xff\xff")  # id 65535, vocab 1000; same size, so construction cannot see it
+        f.write(b"\xff\xff")  # id 65535 > vocab; same size, so construction cannot see it
+    vocab = read_sidecar(bin_dir / "a.bin")["vocab_size"]  # the fixture tokenizer's (corpus-dependent)
     ds = PretokDatasetWithIndex(bin_dir, L)
     ds[2]
     with pytest.raises(
         PretokFormatError,
         match=rf"a.bin: token id 65535 at token {pos} \(byte {2 * pos}\) is not below the tokenizer's "
-        "vocab_size 1000: the file is corrupted",
+        rf"vocab_size {vocab}: the file is corrupted",
     ):
         ds[3]
 

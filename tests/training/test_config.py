@@ -83,6 +83,34 @@ def test_bad_flags_name_the_flag(argv, needle):
     assert needle in str(e.value)
 
 
+FLOAT_FLAGS = [
+    "valid_ratio", "learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip",
+    "dpo_beta",
+]  # fmt: skip
+
+
+def test_every_float_flag_is_listed():
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    assert sorted(n for n in flag_names() if hints[n] is float) == sorted(FLOAT_FLAGS)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "Infinity"])
+@pytest.mark.parametrize("name", FLOAT_FLAGS)
+def test_non_finite_float_flags_are_refused(name, value):
+    """``--learning_rate=inf`` used to pass ``> 0`` (and NaN passed every ``< 0`` check)."""
+    with pytest.raises(ConfigError, match=rf"--{name} must be a finite number, got "):
+        parse_args(["--data_dir=d", f"--{name}={value}"])
+
+
+def test_non_finite_float_in_a_json_file_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"data_dir": "d", "learning_rate": Infinity}')  # Python's json reads it
+    with pytest.raises(ConfigError, match="--learning_rate must be a finite number, got inf"):
+        parse_args([str(path)])
+
+
 def test_grad_accum_must_divide_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(
@@ -138,9 +166,23 @@ def test_resume_reads_saved_config_and_checks_frozen(tmp_path):
     assert cfg.lr_decay_iters == 10  # the saved cosine horizon is kept unless given again
     with pytest.raises(ConfigError, match=r"--model_config='small' differs from the resumed run's 'tiny'"):
         parse_args(["--resume", f"--out_dir={tmp_path}", "--model_config=small"])
-    # without a saved config, --resume starts from the given flags (the loop then finds no checkpoint)
+    # a folder without a saved config: --resume starts from the given flags (the loop then finds no
+    # checkpoint); a missing flag says where the saved config was looked for
+    (tmp_path / "new").mkdir()
     fresh = parse_args(["--resume", f"--out_dir={tmp_path / 'new'}", "--data_dir=x"])
     assert fresh.data_dir == "x"
+    with pytest.raises(ConfigError, match=r"--data_dir is required \(--resume found no saved config .*new"):
+        parse_args(["--resume", f"--out_dir={tmp_path / 'new'}"])
+
+
+def test_resume_without_a_run_names_the_folder(tmp_path):
+    """A mistyped --out_dir with --resume used to report '--data_dir is required'."""
+    with pytest.raises(
+        ConfigError, match=r"--resume: there is no run in --out_dir=.*nope \(no such folder\)"
+    ):
+        parse_args(["--resume", f"--out_dir={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="there is no run in"):  # even when every other flag is given
+        parse_args(["--resume", f"--out_dir={tmp_path / 'nope'}", "--data_dir=x"])
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -196,8 +196,11 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
                 seed=cfg.seed,
             )
 
-    train = make("train")
-    valid = make("valid") if cfg.valid_ratio > 0 or cfg.valid_samples > 0 else None
+    try:
+        train = make("train")
+        valid = make("valid") if cfg.valid_ratio > 0 or cfg.valid_samples > 0 else None
+    except ValueError as e:  # the datasets' own checks: no usable samples, split too small...
+        raise ConfigError(f"--data_dir={cfg.data_dir}: {e}") from e
     if valid is not None and len(valid) == 0:
         valid = None
     if len(train) < cfg.train_batch_size:

@@ -31,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -47,7 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -87,7 +88,9 @@ from z2all.training.rng_state import get_rng_state, rank_seed, seed_all, set_rng
 __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
+    "NonFiniteStateError",
     "UnsafeCheckpointError",
     "find_tokenizer_dir",
     "list_checkpoints",
@@ -102,7 +105,26 @@ logger = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(RuntimeError):
-    """The checkpoint is intact but does not fit the model (missing/unexpected keys, shapes)."""
+    """The checkpoint is intact but does not fit the model (missing/unexpected keys, shapes, or a
+    model config that differs from the one it was saved with)."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The model or optimizer state holds NaN/Inf: :meth:`CheckpointManager.save` refuses it."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed for lack of space (ENOSPC/EDQUOT); the partial folder was removed
+    and the checkpoints already on disk are intact."""
+
+
+# Error codes of a save phase, agreed on by all ranks (the maximum wins).
+_FAILED, _NO_SPACE = 1, 2
+# What torch's zip writer (PyTorchStreamWriter) says when the file under it stops accepting bytes:
+# it swallows the OSError of the short write, so ENOSPC arrives only as this text.
+_SHORT_WRITE_TEXTS = ("unexpected pos", "failed writing file")
+# Model config fields a resumed run may change: they pick how an op is computed, not what it computes.
+_RESUME_MAY_CHANGE = ("kernels",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +160,72 @@ def _model_config_dict(model: nn.Module) -> dict | None:
     except TypeError:
         return None
     return d
+
+
+def _float_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """``(dotted name, tensor)`` of every floating-point tensor in a nested state dict."""
+    if torch.is_tensor(tree):
+        return [(prefix, tree)] if tree.is_floating_point() else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    out = []
+    for k, v in items:
+        out += _float_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _nonfinite_names(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or Inf (one host read per device).
+
+    A tensor is finite iff its min and max are (both propagate NaN): one read of the tensor and no
+    temporary of its size, far cheaper than ``isfinite(t).all()``, so a save barely notices it."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in tensors:
+        if t.numel():
+            by_device.setdefault(t.device, []).append((name, t))
+    bad = []
+    for items in by_device.values():
+        finite = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in items])
+        bad += [name for (name, _), ok in zip(items, finite.tolist()) if not ok]
+    return bad
+
+
+def _is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it, or a rank's failure inside DCP's CheckpointException) is a
+    full disk or an exhausted quota."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(x, RuntimeError) and any(text in str(x) for text in _SHORT_WRITE_TEXTS):
+            return True
+        if isinstance(x, CheckpointException):
+            todo += [failure[0] for failure in x.failures.values()]  # (exception, traceback) per rank
+        todo += [x.__cause__, x.__context__]
+    return False
+
+
+def _config_changes(saved: dict, live: dict) -> list[str]:
+    """``field: checkpoint X, model Y`` for each model config field that differs (JSON-normalised)."""
+    live = json.loads(json.dumps(live))
+    return [
+        f"{k}: checkpoint {saved.get(k)!r}, model {live.get(k)!r}"
+        for k in sorted(set(saved) | set(live))
+        if k not in _RESUME_MAY_CHANGE and saved.get(k) != live.get(k)
+    ]
+
+
+def _who(rank: int, world: int) -> str:
+    """``"rank R: "`` to start a message with, when there are several ranks."""
+    return f"rank {rank}: " if world > 1 else ""
 
 
 def _dist_on() -> bool:
@@ -271,7 +359,15 @@ class CheckpointManager:
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, model: nn.Module, optimizer, extra: dict | None = None) -> Path:
-        """Write checkpoint ``step`` (all ranks call); returns its final folder."""
+        """Write checkpoint ``step`` (all ranks call); returns its final folder.
+
+        Every failure is agreed on by all ranks before anyone raises (no rank is left waiting in a
+        collective): an ``extra`` that would not load with ``weights_only`` (ValueError) and NaN/Inf
+        in the model or optimizer state (:class:`NonFiniteStateError`) before a byte is written; no
+        space left on device (:class:`CheckpointWriteError`) or any other error while writing, after
+        which rank 0 removes the partial ``ckpt_tmp-*`` folder. The checkpoints already on disk are
+        never touched by a save that fails.
+        """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
         rank, world = _rank_world()
@@ -289,14 +385,6 @@ class CheckpointManager:
             raise ValueError(error or "another rank's checkpoint `extra` is not weights_only-loadable")
 
         model = unwrap_model(model)
-        final = self.out_dir / f"step_{step:06d}"
-        tmp = self.out_dir / f"{TMP_PREFIX}{step:06d}"
-        if rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left over from a crashed save of the same step
-            (tmp / DCP_DIR).mkdir(parents=True)
-        _barrier()
-
         t0 = time.perf_counter()
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
         # An optimizer that never stepped has no state, and get_optimizer_state_dict would create
@@ -304,40 +392,115 @@ class CheckpointManager:
         optim_fresh = optimizer is not None and not optimizer.state
         if optimizer is not None and not optim_fresh:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
-        # Collective when a process group exists: replicated tensors are written by one rank only.
-        writer = FileSystemWriter(tmp / DCP_DIR, sync_files=True)
-        with _single_process_ok(not _dist_on()):
-            dcp.save(state, storage_writer=writer, no_dist=not _dist_on())
-        atomic_write_bytes(tmp / f"rank_{rank:05d}.pt", buf.getvalue())
-        _barrier()  # every rank's files are on disk and fsynced
+        # A diverged run must not replace good checkpoints by NaN ones (rotation would delete the
+        # good ones next): refuse, on every rank, before anything is written.
+        tensors = _float_tensors(state)
+        bad = _nonfinite_names(tensors)
+        if _all_reduce_max(int(bool(bad))):
+            where = (
+                f"{', '.join(bad[:5])}{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}"
+                if bad
+                else "another rank's state"
+            )
+            raise NonFiniteStateError(
+                f"{_who(rank, world)}refusing to save checkpoint step {step}: NaN/Inf in {where}; the "
+                f"checkpoints in {self.out_dir} are kept as they are"
+            )
+        need = sum(t.numel() * t.element_size() for _, t in tensors)
 
+        final = self.out_dir / f"step_{step:06d}"
+        tmp = self.out_dir / f"{TMP_PREFIX}{step:06d}"
+        # Three phases, each closed by an all-reduce of the worst error code instead of a barrier.
+        failure: BaseException | None = None
         if rank == 0:
-            fsync_dir(tmp / DCP_DIR)
-            files = {
-                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                for p in files_under(tmp)
-            }
-            manifest = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "step": step,
-                "world_size": world,
-                "seed": self._seed(),
-                "has_optimizer": optimizer is not None,
-                "optimizer_fresh": optim_fresh,
-                "model_config": _model_config_dict(model),
-                "torch_version": torch.__version__,
-                "created_unix": time.time(),
-                "files": files,
-            }
-            atomic_write_json(tmp / MANIFEST, manifest)  # the completion mark: written last
-            fsync_dir(tmp)
-            self._publish(tmp, final)
-            self._rotate(step)
-            size = sum(f["bytes"] for f in files.values())
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left over from a crashed save of the same step
+                (tmp / DCP_DIR).mkdir(parents=True)
+            except OSError as e:
+                failure = e
+        self._agree(failure, step, tmp, need)
+
+        try:
+            # Collective when a process group exists: replicated tensors are written by one rank only.
+            # A write error on any rank reaches every rank as DCP's CheckpointException.
+            writer = FileSystemWriter(tmp / DCP_DIR, sync_files=True)
+            with _single_process_ok(not _dist_on()):
+                dcp.save(state, storage_writer=writer, no_dist=not _dist_on())
+            atomic_write_bytes(tmp / f"rank_{rank:05d}.pt", buf.getvalue())
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, then re-raised
+            failure = e
+        self._agree(failure, step, tmp, need)  # every rank's files are on disk and fsynced
+
+        size = 0
+        if rank == 0:
+            try:
+                size = self._finish(tmp, final, step, world, optimizer is not None, optim_fresh, model)
+            except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+                failure = e
+        # nobody returns (and maybe crashes) before the checkpoint has its final name
+        self._agree(failure, step, tmp, need)
+        if rank == 0:
             logger.info("saved checkpoint %s (%.1f MB, %.2fs)", final, size / 1e6, time.perf_counter() - t0)
-        _barrier()  # nobody returns (and maybe crashes) before the checkpoint has its final name
         return final
+
+    def _finish(
+        self, tmp: Path, final: Path, step: int, world: int, has_optim: bool, optim_fresh: bool, model
+    ) -> int:
+        """Rank 0, once every rank's files are in ``tmp``: manifest, rename to ``final``, rotate.
+        Returns the checkpoint's size in bytes."""
+        fsync_dir(tmp / DCP_DIR)
+        files = {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files_under(tmp)
+        }
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "step": step,
+            "world_size": world,
+            "seed": self._seed(),
+            "has_optimizer": has_optim,
+            "optimizer_fresh": optim_fresh,
+            "model_config": _model_config_dict(model),
+            "torch_version": torch.__version__,
+            "created_unix": time.time(),
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)  # the completion mark: written last
+        fsync_dir(tmp)
+        self._publish(tmp, final)
+        self._rotate(step)
+        return sum(f["bytes"] for f in files.values())
+
+    def _agree(self, failure: BaseException | None, step: int, tmp: Path, need: int) -> None:
+        """Collective: return if no rank failed; else rank 0 removes ``tmp`` and every rank raises.
+
+        The rank that failed re-raises its own error, turned into :class:`CheckpointWriteError` when it
+        is "no space left on device"; the others raise one that points at it."""
+        code = 0 if failure is None else (_NO_SPACE if _is_no_space(failure) else _FAILED)
+        code = _all_reduce_max(code)
+        if code == 0:
+            return
+        rank, world = _rank_world()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()  # the partial folder is gone before any rank reports
+        if failure is not None and not _is_no_space(failure):
+            raise failure
+        if code == _NO_SPACE:
+            kept = ", ".join(p.name for _, p in list_checkpoints(self.out_dir)) or "none"
+            free = shutil.disk_usage(self.out_dir).free
+            who = "" if failure is not None else " (on another rank)"
+            raise CheckpointWriteError(
+                f"{_who(rank, world)}no space left on device{who} while writing checkpoint step {step} into "
+                f"{tmp}: {free / 1e6:.1f} MB free there now, about {need / 1e6:.1f} MB needed; the partial "
+                f"folder was removed and the checkpoints on disk are intact ({kept}). Free space and "
+                "--resume"
+            ) from failure
+        raise RuntimeError(
+            f"rank {rank}: checkpoint step {step} was not saved: another rank failed (see its error)"
+        )
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the complete ``tmp`` to ``final``, replacing an existing checkpoint of the same step."""
@@ -439,6 +602,14 @@ class CheckpointManager:
                 code, error = 3, e
             except CheckpointMismatchError as e:
                 code, error = 2, e
+            except CheckpointException as e:  # DCP's (a BaseException): its str() is every rank's traceback
+                code, error = (
+                    1,
+                    "; ".join(
+                        f"rank {r}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                        for r, (exc, _) in e.failures.items()
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - any read/decode failure means "corrupt"
                 code, error = 1, e
             code = _all_reduce_max(code)
@@ -472,6 +643,17 @@ class CheckpointManager:
 
     def _load_one(self, path: Path, model: nn.Module, optimizer, rank: int, world: int) -> dict:
         manifest = read_manifest(path)
+        saved_cfg, live_cfg = manifest.get("model_config"), _model_config_dict(model)
+        changes = _config_changes(saved_cfg, live_cfg) if saved_cfg is not None and live_cfg else []
+        if changes:
+            # Same shapes or not: a key/shape mismatch is the more precise report, so it goes first.
+            reader = SafeFileSystemReader(path / DCP_DIR)
+            _check_model_fits(reader.read_metadata(), get_model_state_dict(model), path)
+            raise CheckpointMismatchError(
+                f"{path}: the model config differs from the one this checkpoint was saved with: "
+                f"{'; '.join(changes)}. A resumed run must build the same model (was its --model_config "
+                "file edited?)"
+            )
         if optimizer is not None and not manifest.get("has_optimizer", True):
             raise CheckpointMismatchError(
                 f"{path}: saved without optimizer state, cannot resume the optimizer"

@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import math
 import os
 import textwrap
 import typing
@@ -77,6 +78,9 @@ class TrainConfig:
     """AdamW implementation (optimizer.build_adamw); auto picks the fastest available."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    max_nonfinite_steps: int = 0
+    """Steps in a row whose loss or gradient norm is NaN/Inf that are skipped (not applied) before the
+    run stops with exit code 3; 0: the first one stops it. float16 loss-scaler overflows do not count."""
     train_batch_size: int = 8
     """Micro-batch size: sequences per forward/backward on one rank."""
     gradient_accumulation_steps: int = 1
@@ -155,6 +159,11 @@ class TrainConfig:
         self.check_world_size(self.world_size)
 
     def _validate(self) -> None:
+        # NaN passes every `x < 0` test and inf every `x > 0` one: refuse both for every float flag
+        # first (none has a use for them; --grad_clip=0, not inf, disables clipping).
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            if hint is float and not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if not self.data_dir:
             raise ConfigError("--data_dir is required")
         if not self.out_dir:
@@ -178,10 +187,12 @@ class TrainConfig:
             "eval_interval",
             "save_interval",
             "weight_decay",
+            "adam_eps",
             "grad_clip",
             "min_lr",
             "powersgd_start_iter",
             "valid_samples",
+            "max_nonfinite_steps",
         )
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -389,19 +400,28 @@ def parse_args(argv: list[str]) -> TrainConfig:
     config_file, flags = _parse_flags(argv)
     file_values = _read_json_config(config_file, "config file") if config_file else {}
     values = {**file_values, **flags}
-    if values.get("resume"):
-        out_dir = values.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
-        saved_path = Path(out_dir) / "config.json"
-        if saved_path.exists():
-            saved = _read_json_config(saved_path, "saved config")
-            for name in FROZEN_ON_RESUME:
-                if name in values and values[name] != saved.get(name):
-                    raise ConfigError(
-                        f"--{name}={values[name]!r} differs from the resumed run's {saved.get(name)!r} "
-                        f"({saved_path}); it cannot change on resume"
-                    )
-            values = {**saved, **values}
-    return TrainConfig(**values)
+    if not values.get("resume"):
+        return TrainConfig(**values)
+    out_dir = values.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
+    if not Path(out_dir).is_dir():
+        # before any other check: "--data_dir is required" would hide the real mistake
+        raise ConfigError(f"--resume: there is no run in --out_dir={out_dir} (no such folder)")
+    saved_path = Path(out_dir) / "config.json"
+    if not saved_path.exists():
+        # a folder without a saved config: the flags must say everything (the loop then finds no
+        # checkpoint and starts from step 0, with a warning)
+        try:
+            return TrainConfig(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (--resume found no saved config {saved_path} to take it from)") from None
+    saved = _read_json_config(saved_path, "saved config")
+    for name in FROZEN_ON_RESUME:
+        if name in values and values[name] != saved.get(name):
+            raise ConfigError(
+                f"--{name}={values[name]!r} differs from the resumed run's {saved.get(name)!r} "
+                f"({saved_path}); it cannot change on resume"
+            )
+    return TrainConfig(**{**saved, **values})
 
 
 def help_text() -> str:

@@ -12,6 +12,11 @@ then averages gradients over the W ranks, giving ``(1/W) * sum_r sum_{j in r} gr
 (1/G) * sum_j grad l_j``: the gradient of the step loss ``L = mean_j l_j`` for every W. The logged
 ``loss`` is that same ``L``, all-reduced over ranks.
 
+A step whose loss or gradient norm is NaN/Inf is never applied, and more than
+``--max_nonfinite_steps`` of them in a row raise :class:`NonFiniteStepError`. The decision is taken
+from all-reduced numbers, so every rank skips, continues or raises at the same step and none is left
+waiting in a collective (docs/training.md, "Non-finite steps").
+
 Everything a run writes is described in docs/training.md. Bit-exact resume rests on four things:
 the data position (= step), the optimizer state, every RNG stream (restored by the checkpoint) and an
 evaluation that does not draw from the training RNG streams (it runs under ``torch.random.fork_rng``
@@ -33,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel import NonFiniteGradError
 from z2all.data.sampler import GlobalBatchSampler
 from z2all.training.config import ConfigError, TrainConfig
 from z2all.training.lr_schedule import CosineSchedule, set_lr
@@ -66,6 +72,11 @@ class Components:
     """Extra facts for run_info.json (tokenizer fingerprint, optimizer backend...)."""
     make_bucket_optimizer: Any = None
     """--overlap_optim_step: ``[(name, param)] -> optimizer`` for one DDP bucket (same hyper-parameters)."""
+
+
+class NonFiniteStepError(RuntimeError):
+    """The loss or gradient norm was NaN/Inf in more than ``--max_nonfinite_steps`` steps in a row
+    (raised on every rank at the same step; train_my_ddp.py exits with ``exit_codes.NONFINITE``)."""
 
 
 @dataclass
@@ -138,7 +149,12 @@ class _Trainer:
                 stat_sums[k] = stat_sums.get(k, 0.0) + v.double()
             n_tokens += res.n_tokens
         # A loss scaler's overflow is routine: it skips the step, --check_for_nan_in_grad does not raise.
-        dp.finish_grad_sync(allow_nonfinite=self.scaler.is_enabled())
+        try:
+            dp.finish_grad_sync(allow_nonfinite=self.scaler.is_enabled())
+        except NonFiniteGradError as e:
+            # --check_for_nan_in_grad raises on every rank together; it is a non-finite stop like the
+            # one below, with its exit code.
+            raise NonFiniteStepError(f"step {step + 1}: {e}") from e
         # invariant: every param.grad holds the all-rank average of the step gradient (still scaled in fp16)
         if dp.steps_optimizer:
             # --overlap_optim_step: each bucket's optimizer already stepped inside its comm hook (no
@@ -148,26 +164,45 @@ class _Trainer:
             self.scaler.unscale_(self.comp.optimizer)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            self.scaler.step(self.comp.optimizer)
-            self.scaler.update()
-        dp.zero_grad(self.comp.optimizer)
 
+        # One all-reduce (and one host read) carries the step's sums and the "gradient non-finite"
+        # flag, BEFORE the optimizer step: whether to apply the step is then decided from the same
+        # numbers on every rank, so all ranks skip, continue or raise together.
         keys = sorted(stat_sums)
         packed = torch.stack(
-            [loss_sum, torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)]
+            [
+                loss_sum,
+                torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device),
+                (~torch.isfinite(grad_norm)).double(),
+            ]
             + [stat_sums[k] for k in keys]
         )
-        packed = _all_reduce_sum(packed)
+        sums = _all_reduce_sum(packed).tolist()
         g = cfg.gradient_accumulation_steps
+        loss_bad, grad_bad = not math.isfinite(sums[0]), sums[2] > 0
+        overflow = False
+        if not dp.steps_optimizer:
+            # A non-finite step is never applied. In float16 the scaler's unscale_ has recorded the
+            # overflow, so update() still backs the scale off; a scale that went down marks a routine
+            # overflow, which is not counted. A non-finite *loss* is (the loss is computed before any
+            # scaling, so the scaler cannot be its cause).
+            scale = self.scaler.get_scale()  # 1.0 when the scaler is disabled
+            if not (loss_bad or grad_bad):
+                self.scaler.step(self.comp.optimizer)
+            self.scaler.update()
+            overflow = grad_bad and self.scaler.get_scale() < scale
+        dp.zero_grad(self.comp.optimizer)
+
         rec: dict[str, Any] = {
             "step": step + 1,
-            "loss": float(packed[0]) / g,
+            "loss": sums[0] / g,
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
-        rec["_tokens"] = int(packed[1])
+        rec["_tokens"] = int(sums[1])
+        rec["_nonfinite"] = loss_bad or (grad_bad and not overflow)
         for i, k in enumerate(keys):
-            rec[k] = float(packed[2 + i]) / g
+            rec[k] = sums[3 + i] / g
         return rec
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -205,7 +240,7 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device=cuda but CUDA is not available on this machine")
+            raise ConfigError("--device=cuda but CUDA is not available on this machine")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -293,7 +328,7 @@ def _check_optimizer_home(extra: dict, dp: DataParallelModel, world: int) -> Non
     state to another world size) would silently restart the moments: refuse instead."""
     saved = bool(extra.get("overlap_optim_step", False))
     if saved != dp.steps_optimizer or (saved and int(extra.get("world_size", -1)) != world):
-        raise RuntimeError(
+        raise ConfigError(
             f"cannot resume: the checkpoint's optimizer state was kept with overlap_optim_step={saved} on "
             f"world size {extra.get('world_size')}, this run has overlap_optim_step={dp.steps_optimizer} on "
             f"world size {world}; resume with the saved setting and world size"
@@ -313,6 +348,28 @@ def _refuse_to_mix_runs(cfg: TrainConfig) -> None:
             f"--out_dir={cfg.out_dir} already holds a run (metrics.jsonl / checkpoints): pass --resume to "
             f"continue it, or choose another --out_dir"
         )
+
+
+def _nonfinite_stop(cfg: TrainConfig, rec: dict[str, Any], streak: int, applied: bool) -> NonFiniteStepError:
+    """The error that stops a run at a non-finite step: which step, what was seen, what is on disk."""
+    from z2all.training.checkpoint_format import list_checkpoints
+
+    saved = list_checkpoints(cfg.out_dir)
+    newest = (
+        f"the newest checkpoint is {saved[0][1]}" if saved else f"there is no checkpoint in {cfg.out_dir}"
+    )
+    how = (
+        "the bucket optimizers of --overlap_optim_step had already applied it"
+        if applied
+        else "it was not applied"
+    )
+    loss, norm = rec["loss"], rec["grad_norm"]
+    bad = " and ".join(k for k, v in (("loss", loss), ("gradient norm", norm)) if not math.isfinite(v))
+    return NonFiniteStepError(
+        f"step {rec['step']}: non-finite {bad} (loss {loss:.4g}, gradient norm {norm:.4g}), {streak} step(s) "
+        f"in a row (--max_nonfinite_steps={cfg.max_nonfinite_steps}); {how} and nothing was saved: "
+        f"{newest}. Lower --learning_rate and --resume"
+    )
 
 
 def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult:
@@ -375,12 +432,13 @@ def train(cfg: TrainConfig, components: Components | None = None) -> TrainResult
             if rank == 0
             else None
         )
-        result = _loop(
-            cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, run_model, world, device
-        )
-        if tracker is not None:
-            tracker.close()
-        return result
+        try:
+            return _loop(
+                cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, run_model, world, device
+            )
+        finally:
+            if tracker is not None:
+                tracker.close()  # also after a non-finite stop: its last records are the diagnosis
     finally:
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
@@ -395,6 +453,7 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
     if start_step >= cfg.max_iters:
         log.info("nothing to do: checkpoint step %d >= --max_iters=%d", start_step, cfg.max_iters)
     step_seconds = 0.0
+    nonfinite_streak = 0  # consecutive non-finite steps (each skipped, not applied)
     for step in range(start_step, cfg.max_iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -412,6 +471,21 @@ def _loop(cfg, comp, trainer, dp, ckpt, metrics, tracker, start_step, tokens, ru
         rec["comm_bytes"] = dp.pop_comm_bytes()
         done = step + 1
         last = done == cfg.max_iters
+        nonfinite_streak = nonfinite_streak + 1 if rec.pop("_nonfinite") else 0
+        if nonfinite_streak > cfg.max_nonfinite_steps:
+            history.append(rec)
+            if rank == 0:
+                metrics.write(rec)  # the bad step stays visible in metrics.jsonl (loss: null)
+            raise _nonfinite_stop(cfg, rec, nonfinite_streak, dp.steps_optimizer)
+        if nonfinite_streak and rank == 0:
+            log.warning(
+                "step %d: non-finite loss %s / grad_norm %s: skipped (%d in a row, --max_nonfinite_steps=%d)",
+                done,
+                rec["loss"],
+                rec["grad_norm"],
+                nonfinite_streak,
+                cfg.max_nonfinite_steps,
+            )
         if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or last):
             val = trainer.evaluate(unwrap(run_model) if not cfg.compile else run_model)
             if val is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException  # a BaseException: DCP's read failures
 
 from z2all.training.checkpoint_format import (
     MANIFEST,
@@ -102,7 +103,7 @@ def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             _load_dcp(ckpt, model, None, no_dist=True)
         except (UnsafeCheckpointError, CheckpointMismatchError):
             raise
-        except Exception as e:  # noqa: BLE001 - corrupt: fall back to the previous checkpoint
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - corrupt: fall back to the previous one
             problems.append(f"{ckpt}: {e}")
             logger.warning("checkpoint %s failed to load (%s); trying the previous one", ckpt, e)
             continue

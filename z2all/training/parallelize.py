@@ -299,8 +299,10 @@ class DataParallelModel:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())
             ]
             if bad:
+                from parallel import NonFiniteGradError
+
                 rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-                raise RuntimeError(
+                raise NonFiniteGradError(
                     f"non-finite (NaN/Inf) gradient on rank {rank} after the gradient sync "
                     f"(--check_for_nan_in_grad), in parameter(s): {', '.join(bad)}"
                 )
