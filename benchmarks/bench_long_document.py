@@ -121,9 +121,7 @@ def main() -> None:
     p.add_argument("--tokenizer_dir", default="", help="default: train an 8000-token tokenizer on the data")
     p.add_argument("--tokenizer_type", default="hf_bbpe", choices=("hf_bbpe", "sp_bbpe"))
     p.add_argument("--mb", type=float, nargs="+", default=[5, 20, 60], help="document sizes (UTF-8 MB)")
-    p.add_argument(
-        "--whole_max_mb", type=float, default=20, help="skip whole-document runs above this"
-    )
+    p.add_argument("--whole_max_mb", type=float, default=20, help="skip whole-document runs above this")
     p.add_argument("--no_train", action="store_true", help="only encoding")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_long_doc_"))
