@@ -465,6 +465,11 @@ class DistributedDataParallel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict)
 
     # --- NaN/Inf detection ----------------------------------------------------------------------
+    def _shard_of(self, bucket: _Bucket) -> tuple[int, int]:
+        """This rank's reduce-scatter shard of ``bucket``, relative to the bucket's start."""
+        lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
+        return lo - bucket.start, hi - bucket.start
+
     def _raise_if_nonfinite(self) -> None:
         """Called after all collectives completed on every rank, so raising here cannot hang a peer.
 
@@ -472,9 +477,27 @@ class DistributedDataParallel(nn.Module):
         those of the reduced buckets; parameter names are looked up only when something is wrong.
         """
         n = len(self._local_finite)
-        reduced = [torch.isfinite(b.grad_data).all() for b in self.buckets]
-        flags = torch.stack(self._local_finite + reduced).tolist()
+        sharded = self.config.use_distributed_optimizer and self._comm_hook is None
+        # After a reduce-scatter only this rank's shard of each bucket is reduced (the rest is local
+        # garbage that differs between ranks): check the shard, and agree across ranks with one
+        # all-reduce (MAX) so that every rank raises or none does.
+        reduced = [
+            torch.isfinite(b.grad_data[slice(*self._shard_of(b))] if sharded else b.grad_data).all()
+            for b in self.buckets
+        ]
+        flags = torch.stack(self._local_finite + reduced)
+        if sharded:
+            bad = (~flags.all()).to(torch.uint8).reshape(1)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
+            if not bool(bad):
+                return
+        flags = flags.tolist()
         if all(flags):
+            if sharded:
+                raise NonFiniteGradError(
+                    f"non-finite (NaN/Inf) gradient after reduction in another rank's shard (rank "
+                    f"{self.global_rank} holds finite values); that rank's error names the parameters"
+                )
             return
         names = [
             self.param_to_name[p]

@@ -159,6 +159,10 @@ def optimizer_overlap_hook(state: OptimizerOverlapState, bucket: Any) -> torch.f
     ``ddp.register_comm_hook(OptimizerOverlapState(allreduce_hook, None, make), optimizer_overlap_hook)``
     The returned Future completes after the step; its value is the reduced bucket, as for any hook.
     """
+    if bucket.index() == 0:
+        # Bucket 0 is launched first in every iteration: forget steps deferred by an iteration whose
+        # finish_grad_sync() raised before after_grad_sync() ran (they must not be taken twice).
+        state._deferred.clear()
     opt = state._optimizer_for(bucket)  # built on the calling thread, before any callback runs
     fut = state.hook(state.hook_state, bucket)
     index = bucket.index()

@@ -111,6 +111,7 @@ def results():
         "_bf16_fp32_reduce",
         "_nan_report",
         "_nan_check_with_loss_scaler",
+        "_nan_check_sharded",
         "_reduce_scatter_shards",
         "_llama_tiny",
     ]
@@ -284,6 +285,30 @@ def test_nan_check_leaves_loss_scaler_overflow_alone_and_syncs_once(results):
             # No device-to-host sync inside backward (buckets launch there); at most one per check.
             assert rec["syncs_in_backward"] == 0, rec
         assert finite["syncs_in_finish"] == 1, finite  # the single read of the finiteness flags
+
+
+def _nan_check_sharded(rank, world_size):
+    """Reduce-scatter (use_distributed_optimizer): a NaN only in shard 0, on rank 0 only. Rank 1's own
+    shard is finite, yet both ranks must raise (or neither): a lone raise would hang the other."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 4, bias=False)
+    cfg = DistributedDataParallelConfig(use_distributed_optimizer=True, check_for_nan_in_grad=True)
+    ddp = DistributedDataParallel(cfg, model)
+    g = torch.ones(2, 4)
+    if rank == 0:
+        g[0, 0] = float("nan")  # weight row 0: the first 64 elements of the bucket, in shard 0
+    (ddp(torch.ones(2, 64)) * g).sum().backward()
+    msg = _raises(ddp.finish_grad_sync)
+    ddp.zero_grad_buffer()
+    ddp(torch.ones(2, 64)).sum().backward()  # the next clean iteration syncs on both ranks
+    ddp.finish_grad_sync()
+    return msg
+
+
+def test_nan_check_with_reduce_scatter_raises_on_every_rank(results):
+    msg0, msg1 = scenario(results, "_nan_check_sharded")
+    assert "rank 0" in msg0 and "before reduction" in msg0, msg0
+    assert "another rank's shard" in msg1, msg1
 
 
 # ------------------------------------------------------------------------------------------------

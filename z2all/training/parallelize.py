@@ -337,9 +337,9 @@ def _what_changed(
     if saved_world is not None and saved_world != world:
         return f"saved on world size {saved_world}, this run has {world}"
     saved = comm_state.get("bucket_layout")
-    if saved is not None and [list(map(_as_list, b)) for b in saved] != [
-        list(map(_as_list, b)) for b in layout
-    ]:
+    if saved is None:  # a checkpoint of a z2all before the layout was recorded: it cannot be checked
+        return "saved without its bucket layout (an older z2all)"
+    if [list(map(_as_list, b)) for b in saved] != [list(map(_as_list, b)) for b in layout]:
         return (
             f"--bucket_size={comm_state.get('bucket_size')} when saved, --bucket_size={bucket_size} now "
             f"({len(saved)} vs {len(layout)} buckets)"
