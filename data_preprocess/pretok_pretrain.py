@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -296,6 +297,9 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
     plan = plan_outputs(data_dir, save_dir)
     if not plan:
         raise FileNotFoundError(f"--data_dir={data_dir}: no .jsonl/.json/.parquet/.txt files found")
+    # .bin files an earlier finished run put here from OTHER sources stay vouched for (a second run into
+    # the same --save_dir adds to the corpus; it does not disown the first run's files).
+    kept = _still_valid_bins(save_dir, {out for _, out in plan})
     remove_manifest(save_dir)  # from here until the end, the folder does not look finished
     results, todo = {}, []
     for src, out in plan:
@@ -397,5 +401,28 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
             "the unreadable files and rerun (finished files are skipped), or rerun with "
             "--allow_bad_files=true to leave them out"
         )
-    write_manifest(save_dir, {r.bin_path: r.bin_id for r in ordered if not r.error}, bad)
+    write_manifest(save_dir, {**kept, **{r.bin_path: r.bin_id for r in ordered if not r.error}}, bad)
     return ordered
+
+
+def _still_valid_bins(save_dir: Path, planned: set[Path]) -> dict[Path, str]:
+    """``.bin`` -> ``bin_id`` of the existing manifest's entries that this run does not rewrite and
+    whose file and sidecar are still the ones it vouched for (anything else is dropped)."""
+    path = save_dir / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text("utf-8")).get("bins", {})
+    except (ValueError, AttributeError):
+        return {}
+    kept = {}
+    for rel, bin_id in entries.items() if isinstance(entries, dict) else ():
+        bin_path = save_dir / rel
+        if bin_path in planned or not bin_path.is_file():
+            continue
+        try:
+            if read_sidecar(bin_path).get("bin_id") == bin_id:
+                kept[bin_path] = bin_id
+        except PretokFormatError:
+            continue
+    return kept

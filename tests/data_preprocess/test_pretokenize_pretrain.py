@@ -431,3 +431,35 @@ def test_output_beside_the_sources_is_not_read_back_as_corpus(tmp_path, tiny_tok
     assert (data / MANIFEST_NAME).is_file()
     again = pretokenize(_cfg(data, tiny_tokenizer_dir, data, num_workers=1))
     assert [r.source for r in again] == [r.source for r in first] and all(r.skipped for r in again)
+
+
+def test_second_run_into_the_same_save_dir_keeps_the_first_runs_files(tmp_path, tiny_tokenizer_dir):
+    """Two sources pretokenized one after the other into one --save_dir: the second run's manifest
+    still vouches for the first run's .bin (unchanged), so the index and dataset accept the folder."""
+    from data_preprocess.build_pretrain_sample_index_map import IndexConfig, build_all
+
+    out = tmp_path / "pretok"
+    for name in ("a", "b"):
+        src = tmp_path / f"src_{name}"
+        src.mkdir()
+        lines = (json.dumps({"text": f"hello world {name} {i} " * 20}) + "\n" for i in range(50))
+        (src / f"{name}.jsonl").write_text("".join(lines))
+        pretokenize(
+            PretokenizeConfig(data_dir=str(src), tokenizer_dir=str(tiny_tokenizer_dir), save_dir=str(out))
+        )
+    manifest = json.loads((out / "pretokenize_manifest.json").read_text())
+    assert sorted(manifest["bins"]) == ["a.bin", "b.bin"]
+    build_all(IndexConfig(data_dir=str(out), max_seq_len=16))  # refused before: "a.bin: not written by ..."
+    # A .bin that changed behind the manifest's back is not carried over.
+    from z2all.data.pretrain_dataset import sidecar_path
+
+    sidecar = sidecar_path(out / "a.bin")
+    meta = json.loads(sidecar.read_text())
+    meta["bin_id"] = "edited"
+    sidecar.write_text(json.dumps(meta))
+    pretokenize(
+        PretokenizeConfig(
+            data_dir=str(tmp_path / "src_b"), tokenizer_dir=str(tiny_tokenizer_dir), save_dir=str(out)
+        )
+    )
+    assert sorted(json.loads((out / "pretokenize_manifest.json").read_text())["bins"]) == ["b.bin"]
