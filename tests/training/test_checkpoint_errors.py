@@ -156,3 +156,16 @@ def test_a_read_error_inside_dcp_falls_back_to_the_previous_checkpoint(tmp_path)
     garble_newest(tmp_path / "llama")
     loaded, _ = load_model_from_dir(tmp_path / "llama")
     assert torch.equal(loaded.lm_head.weight, saved[1]) and not torch.equal(saved[1], saved[2])
+
+
+def test_resume_config_check_ignores_init_only_and_unrecorded_fields():
+    """Only what changes the model's math is refused: not how fresh weights would have been drawn (a
+    resume loads them), nor a field an older checkpoint did not record."""
+    from z2all.training.checkpoint import _config_changes
+
+    saved = {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "initializer_range": 0.02, "kernels": {}}
+    live = dict(saved, initializer_range=0.01, scale_output_init=True, new_field=3, kernels={"x": 1})
+    assert _config_changes(saved, live) == []
+    assert _config_changes(saved, dict(live, rope_theta=5e5)) == [
+        "rope_theta: checkpoint 10000.0, model 500000.0"
+    ]

@@ -123,8 +123,9 @@ _FAILED, _NO_SPACE = 1, 2
 # What torch's zip writer (PyTorchStreamWriter) says when the file under it stops accepting bytes:
 # it swallows the OSError of the short write, so ENOSPC arrives only as this text.
 _SHORT_WRITE_TEXTS = ("unexpected pos", "failed writing file")
-# Model config fields a resumed run may change: they pick how an op is computed, not what it computes.
-_RESUME_MAY_CHANGE = ("kernels",)
+# Model config fields a resumed run may change: they pick how an op is computed, not what it computes
+# (kernels), or only how fresh weights are drawn, which a resumed run loads instead (init fields).
+_RESUME_MAY_CHANGE = ("kernels", "initializer_range", "scale_output_init")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +215,12 @@ def _is_no_space(e: BaseException) -> bool:
 
 
 def _config_changes(saved: dict, live: dict) -> list[str]:
-    """``field: checkpoint X, model Y`` for each model config field that differs (JSON-normalised)."""
+    """``field: checkpoint X, model Y`` for each model config field that differs (JSON-normalised).
+    A field the checkpoint does not record (saved by a z2all that did not have it yet) is not compared."""
     live = json.loads(json.dumps(live))
     return [
         f"{k}: checkpoint {saved.get(k)!r}, model {live.get(k)!r}"
-        for k in sorted(set(saved) | set(live))
+        for k in sorted(saved)
         if k not in _RESUME_MAY_CHANGE and saved.get(k) != live.get(k)
     ]
 
