@@ -225,10 +225,15 @@ class DistributedDataParallel(nn.Module):
             # first one overwrites main_grad (which holds last iteration's values: no memset needed),
             # later ones add; the fresh tensor is freed. Otherwise AccumulateGrad already added in
             # place into main_grad (the view we made .grad), as torch DDP's gradient_as_bucket_view.
-            if param in self._locally_used:
-                main_grad.add_(grad)  # fp32 main_grad += bf16 grad upcasts exactly
+            # (detach: under backward(create_graph=True) the fresh .grad carries a graph)
+            if param not in self._locally_used:
+                main_grad.copy_(grad.detach())
+            elif grad.requires_grad and param in self._grad_is_view:
+                # create_graph=True: AccumulateGrad built .grad = view + new out of place, so the
+                # fresh tensor already holds what main_grad accumulated.
+                main_grad.copy_(grad.detach())
             else:
-                main_grad.copy_(grad)
+                main_grad.add_(grad.detach())  # fp32 main_grad += bf16 grad upcasts exactly
             param.grad = main_grad if param in self._grad_is_view else None
         self._locally_used.add(param)
         if not self._sync_enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -154,3 +155,21 @@ def test_config_validation():
 def test_ddp_without_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="init_process_group"):
         DistributedDataParallel(DistributedDataParallelConfig(), nn.Linear(2, 2))
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # torch's own caveat
+def test_accumulation_with_create_graph_counts_each_micro_step_once(world_of_one):
+    """backward(create_graph=True) makes AccumulateGrad return a fresh ``.grad + new``: it must not be
+    added on top of what main_grad already holds (it used to double the first micro-step)."""
+    torch.manual_seed(0)
+    model, ref = nn.Linear(3, 2), nn.Linear(3, 2)
+    ref.load_state_dict(model.state_dict())
+    ddp = DistributedDataParallel(DistributedDataParallelConfig(), model)
+    xs = [torch.randn(4, 3) for _ in range(3)]
+    for i, x in enumerate(xs):
+        with ddp.no_sync() if i < len(xs) - 1 else contextlib.nullcontext():
+            ddp(x).square().sum().backward(create_graph=True)
+        ref(x).square().sum().backward()
+    ddp.finish_grad_sync()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6)
