@@ -365,11 +365,13 @@ class DistributedDataParallel(nn.Module):
         if self.config.check_for_nan_in_grad and not allow_nonfinite:
             self._raise_if_nonfinite()
         if self._sets_grad:
+            unused = set(self.unused_params)
             for bucket in self.buckets:
                 for p in bucket.params:
-                    p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
-            for p in self.unused_params:
-                p.grad = None
+                    if p in unused:
+                        p.grad = None
+                    else:
+                        p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
         after_grad_sync = getattr(self._comm_hook_state, "after_grad_sync", None)
         if after_grad_sync is not None:
             after_grad_sync()  # e.g. the overlapped optimizer's deferred steps (bucket.py)

@@ -30,7 +30,12 @@ import torch
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from z2all.training.checkpoint_format import MANIFEST, list_checkpoints
-from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir, run_model_tool
+from z2all.training.model_loading import (
+    find_tokenizer_dir,
+    is_hf_model_folder,
+    load_model_from_dir,
+    run_model_tool,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +67,6 @@ def _run_folder_marker(folder: Path) -> str | None:
     return "config.json with task_type" if isinstance(cfg, dict) and "task_type" in cfg else None
 
 
-def _is_hf_model_folder(folder: Path) -> bool:
-    """Holds what an export (or any Hugging Face model folder) holds: config.json and weights."""
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    return (folder / "config.json").is_file() and has_weights
-
-
 def check_save_dir(save_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> None:
     """Raise :class:`SaveDirError` naming the folder when the export must not go to ``save_dir``."""
     target = Path(save_dir).resolve()
@@ -90,7 +89,7 @@ def check_save_dir(save_dir: str | Path, out_dir: str | Path, overwrite: bool = 
         return
     if not overwrite:
         raise SaveDirError(f"--save_dir={save_dir} is not empty: pass --overwrite to replace it")
-    if not _is_hf_model_folder(target):
+    if not is_hf_model_folder(target):
         raise SaveDirError(
             f"--save_dir={save_dir} is not empty and is not a Hugging Face model folder (config.json + "
             "weights): --overwrite only replaces a previous export; choose a new or empty folder"

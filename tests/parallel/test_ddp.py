@@ -385,8 +385,9 @@ def test_unused_parameters_do_not_move_with_adamw_weight_decay(results):
             assert torch.equal(everywhere["torch"][i], everywhere["initial"][i])
         for case in rank_result.values():
             for ours, ref, single in zip(case["ours"], case["torch"], case["single"], strict=True):
+                # measured 0.0 for both (2026-12-01); fp32 summation order may differ elsewhere
                 assert (ours - ref).abs().max().item() <= 1e-6, "ours != torch DDP"
-                assert (ours - single).abs().max().item() <= 1e-5, "ours != one process"
+                assert (ours - single).abs().max().item() <= 1e-6, "ours != one process"
         one_rank = rank_result["block 1 on rank 0 only"]
         assert one_rank["unused_idx"] == []
         block1 = [4, 5]  # blocks.1.0.weight, blocks.1.0.bias

@@ -59,6 +59,12 @@ def find_tokenizer_dir(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def is_hf_model_folder(folder: Path) -> bool:
+    """Holds what a Hugging Face model folder (or a z2all export) holds: config.json and weights."""
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return (folder / "config.json").is_file() and has_weights
+
+
 def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """``(model, model_config)`` on CPU in eval mode, from a z2all run folder (its newest
     loadable checkpoint), one checkpoint folder, or a Hugging Face Llama folder.
@@ -74,8 +80,7 @@ def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     else:
         candidates = list_checkpoints(path, with_manifest=False)
     if not candidates:
-        has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-        if (path / "config.json").is_file() and has_weights:
+        if is_hf_model_folder(path):
             model = Z2allForCausalLM.from_pretrained(path)
             return model.eval(), model.config
         raise FileNotFoundError(

@@ -339,16 +339,12 @@ def _what_changed(
     saved = comm_state.get("bucket_layout")
     if saved is None:  # a checkpoint of a z2all before the layout was recorded: it cannot be checked
         return "saved without its bucket layout (an older z2all)"
-    if [list(map(_as_list, b)) for b in saved] != [list(map(_as_list, b)) for b in layout]:
+    if saved != layout:  # plain lists on both sides (DistributedDataParallel.bucket_layout, weights_only)
         return (
             f"--bucket_size={comm_state.get('bucket_size')} when saved, --bucket_size={bucket_size} now "
             f"({len(saved)} vs {len(layout)} buckets)"
         )
     return None
-
-
-def _as_list(x):
-    return list(x) if isinstance(x, (list, tuple)) else x
 
 
 def _model_name(name: str) -> str:
