@@ -25,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -42,6 +41,7 @@ from z2all.data.pretrain_dataset import (
     BIN_FORMAT,
     MANIFEST_NAME,
     PretokFormatError,
+    read_pretokenize_manifest,
     read_sidecar,
     remove_manifest,
     sidecar_path,
@@ -412,11 +412,11 @@ def _still_valid_bins(save_dir: Path, planned: set[Path]) -> dict[Path, str]:
     if not path.is_file():
         return {}
     try:
-        entries = json.loads(path.read_text("utf-8")).get("bins", {})
-    except (ValueError, AttributeError):
-        return {}
+        entries = read_pretokenize_manifest(path)["bins"]
+    except PretokFormatError:
+        return {}  # not a manifest we can trust: nothing is carried over
     kept = {}
-    for rel, bin_id in entries.items() if isinstance(entries, dict) else ():
+    for rel, bin_id in entries.items():
         bin_path = save_dir / rel
         if bin_path in planned or not bin_path.is_file():
             continue

@@ -153,7 +153,8 @@ def remove_manifest(folder: str | os.PathLike) -> None:
         fsync_dir(path.parent)
 
 
-def _read_manifest(path: Path) -> dict:
+def read_pretokenize_manifest(path: Path) -> dict:
+    """The pretokenize manifest at ``path``, validated; raises :class:`PretokFormatError` naming it."""
     try:
         m = json.loads(path.read_text("utf-8"))
         ok = m["format"] == MANIFEST_FORMAT and isinstance(m["bins"], dict)
@@ -196,7 +197,7 @@ def check_pretokenize_finished(data_dir: str | os.PathLike, metas: dict[Path, di
                 f"did not finish (or an older z2all wrote it); {_RERUN_PRETOKENIZE}"
             )
         if m not in manifests:
-            manifests[m] = _read_manifest(m)
+            manifests[m] = read_pretokenize_manifest(m)
         listed = manifests[m]["bins"].get(b.resolve().relative_to(m.parent).as_posix())
         if listed is None:
             raise PretokFormatError(
