@@ -27,7 +27,6 @@ setup(
             "data_preprocess.*",
         ]
     ),
-    package_data={"z2all": ["presets/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -84,7 +84,12 @@ def random_windows(vocab_size: int, n: int, seq: int) -> list[tuple[torch.Tensor
 
 
 def bench_adamw(model: nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    return make_bench_adamw(list(model.named_parameters()))
+
+
+def make_bench_adamw(named_params) -> torch.optim.AdamW:
+    """The benchmarks' AdamW over ``[(name, param)]``: a ``Components.make_optimizer``."""
+    return torch.optim.AdamW([p for _, p in named_params], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 def in_memory_train_config(out_dir: str, args, **overrides):

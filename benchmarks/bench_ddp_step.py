@@ -34,10 +34,10 @@ import torch.multiprocessing as mp
 from _common import (
     ResidualMLP,
     add_backend_args,
-    bench_adamw,
     free_port,
     in_memory_train_config,
     init_rank,
+    make_bench_adamw,
     random_windows,
     resolve_backend,
 )
@@ -150,7 +150,7 @@ def train_loop_worker(rank: int, world: int, port: int, args, out_root: str) -> 
     try:
         from z2all.model import Z2allForCausalLM, get_preset
         from z2all.training import train
-        from z2all.training.loop import Components
+        from z2all.training.build import Components
         from z2all.training.tasks import PretrainTask
 
         mcfg = get_preset("tiny")
@@ -163,7 +163,6 @@ def train_loop_worker(rank: int, world: int, port: int, args, out_root: str) -> 
             for impl in impls[r % 2 :] + impls[: r % 2]:
                 torch.manual_seed(0)
                 model = Z2allForCausalLM(mcfg).to(device)
-                opt = bench_adamw(model)
                 cfg = in_memory_train_config(
                     os.path.join(out_root, f"round{r}_{impl}"),
                     args,
@@ -173,7 +172,10 @@ def train_loop_worker(rank: int, world: int, port: int, args, out_root: str) -> 
                 )
                 dist.barrier()
                 history = train(
-                    cfg, Components(model=model, optimizer=opt, task=PretrainTask(), train_data=data)
+                    cfg,
+                    Components(
+                        model=model, make_optimizer=make_bench_adamw, task=PretrainTask(), train_data=data
+                    ),
                 )
                 tokens = [0] + [rec["tokens"] for rec in history.history]
                 times = [

@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import bench_adamw, in_memory_train_config, random_windows
+from _common import bench_adamw, in_memory_train_config, make_bench_adamw, random_windows
 
 
 def main() -> None:
@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from z2all.model import Z2allForCausalLM, get_preset
-    from z2all.training.loop import Components, train
+    from z2all.training import train
+    from z2all.training.build import Components
     from z2all.training.metrics import read_metrics
     from z2all.training.tasks import PretrainTask
 
@@ -81,11 +82,14 @@ def main() -> None:
         return times
 
     def run_loop() -> tuple[list[float], float]:
-        model, opt = fresh()
+        model, _ = fresh()
         with tempfile.TemporaryDirectory() as out:
             cfg = in_memory_train_config(out, args, grad_clip=1.0)
             t0 = time.perf_counter()
-            train(cfg, Components(model=model, optimizer=opt, task=PretrainTask(), train_data=data))
+            comp = Components(
+                model=model, make_optimizer=make_bench_adamw, task=PretrainTask(), train_data=data
+            )
+            train(cfg, comp)
             wall = time.perf_counter() - t0
             recs = read_metrics(out)
         return [tokens_per_step / r["tokens_per_s"] for r in recs], wall

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from z2all.atomic import atomic_write_json, fsync_dir
 from z2all.data.pretrain_dataset import (
@@ -289,8 +290,6 @@ def pretokenize(cfg: PretokenizeConfig) -> list[FileResult]:
     Unreadable sources are skipped and reported in their result; unless ``cfg.allow_bad_files``, the run
     then raises :class:`DataFileError` at the end and leaves ``save_dir`` without a manifest.
     """
-    from tqdm import tqdm
-
     tok = Z2allTokenizer.from_pretrained(cfg.tokenizer_dir)
     fingerprint, dtype = tok.fingerprint(), token_dtype(tok.vocab_size)
     data_dir, save_dir = Path(cfg.data_dir), Path(cfg.save_dir)

@@ -4,7 +4,7 @@
         --max_seq_len=L [--save_dir=OUT] [--sft_type=conversation|instruction] [--force=true]
 
 Then ``SFTDataset(DIR, tokenizer, L, sft_type, cache_dir=OUT)`` memory-maps the result (OUT defaults
-to beside the sources). Face only: the work is :func:`z2all.data.sft_pretokenize.pretokenize_sft`.
+to beside the sources). Face only: the work is :func:`data_preprocess.pretok_sft.pretokenize_sft`.
 Prints one JSON summary per source on stdout; logs go to stderr.
 Formats, files and the label picture: ``docs/sft_dpo_data.md``.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
+from data_preprocess.pretok_sft import PretokenizeSFTConfig, pretokenize_sft
 from z2all.cli_args import run_cli
-from z2all.data.sft_pretokenize import PretokenizeSFTConfig, pretokenize_sft
 
 
 def _run(cfg: PretokenizeSFTConfig) -> None:

@@ -46,24 +46,16 @@ from torch import nn
 from parallel.ddp_comm_hooks.bucket import GradBucket
 from parallel.ddp_comm_hooks.default_hooks import DefaultHookState, _allreduce_future, reduce_scatter_hook
 from parallel.distributed_data_parallel_config import DistributedDataParallelConfig
+from parallel.nonfinite_grads import _NonFiniteGradCheck
 from parallel.param_and_grad_buffer import ParamAndGradBuffer, _Bucket
+from parallel.unwrap import _ModuleWrapper, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 CommHook = Callable[[object, GradBucket], torch.futures.Future]
 
 
-class NonFiniteGradError(RuntimeError):
-    """``check_for_nan_in_grad`` found a NaN/Inf gradient; raised after every collective completed, on
-    every rank (the message names the rank and the parameters)."""
-
-
-def _strip_compile_prefix(name: str) -> str:
-    """``_orig_mod.layers.0.w`` (a torch.compile'd module's name) -> ``layers.0.w``."""
-    return name.replace("_orig_mod.", "")
-
-
-class DistributedDataParallel(nn.Module):
+class DistributedDataParallel(_ModuleWrapper):
     """Wrap any ``nn.Module`` for data-parallel training over ``process_group`` (default: world)."""
 
     def __init__(
@@ -85,12 +77,11 @@ class DistributedDataParallel(nn.Module):
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.dp_size = dist.get_world_size(self.process_group)
         self.dp_rank = dist.get_rank(self.process_group)
-        self.global_rank = dist.get_rank()
 
         # named_parameters() de-duplicates shared (tied) parameters: each appears once, first name.
-        # Names are the model's own: torch.compile's `_orig_mod.` wrapper prefix is dropped.
+        # Names are the model's own: named inside any torch.compile / DDP wrapper (parallel/unwrap.py).
         self.param_to_name: dict[nn.Parameter, str] = {
-            p: _strip_compile_prefix(n) for n, p in module.named_parameters()
+            p: n for n, p in unwrap_model(module).named_parameters()
         }
         params = [p for p in self.param_to_name if p.requires_grad]  # registration order
         if not params:
@@ -153,7 +144,6 @@ class DistributedDataParallel(nn.Module):
                 params=b.params,
                 param_names=[self.param_to_name[p] for p in b.params],
                 offsets=b.offsets,
-                process_group=self.process_group,
                 record_comm_bytes=self._record_comm_bytes,
             )
             for b in self.buckets
@@ -169,7 +159,9 @@ class DistributedDataParallel(nn.Module):
         self._grads_synced = False  # finish_grad_sync() ran; main grads hold averages
         self._locally_used: set[nn.Parameter] = set()  # got a gradient on this rank (any micro-step)
         self._pending_flags: tuple[torch.Tensor, dist.Work] | None = None  # see _sync_unused_params
-        self._local_finite: list[torch.Tensor] = []  # check_for_nan_in_grad: per launched bucket, on device
+        self._nonfinite = _NonFiniteGradCheck(
+            self.buckets, self.param_to_name, self.process_group, self.dp_rank, self.dp_size
+        )  # check_for_nan_in_grad (nonfinite_grads.py)
         self._sync_enabled = True  # False inside no_sync()
         self._backward_seen = False
         self.unused_params: list[nn.Parameter] = []
@@ -179,7 +171,8 @@ class DistributedDataParallel(nn.Module):
         self._grad_is_view: set[nn.Parameter] = set()
         self._plan_grad_views()
         self._reset_grads()
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
         logger.info(
             "DDP: %d params in %d buffer(s), %d bucket(s) %s, world %d, overlap=%s",
             len(params),
@@ -268,7 +261,7 @@ class DistributedDataParallel(nn.Module):
                     p.main_grad.zero_()
         if self.config.check_for_nan_in_grad:
             # A device tensor, read once in finish_grad_sync(): no host sync inside backward.
-            self._local_finite.append(torch.isfinite(bucket.grad_data).all())
+            self._nonfinite.record_launch(bucket)
         if self._sets_grad and bucket.grad_data.dtype == bucket.param_data.dtype:
             # Same dtype: .grad becomes the main_grad view now, so a hook's fut.then() callback (e.g.
             # an optimizer step per bucket) already sees the in-place reduced gradient in p.grad.
@@ -363,7 +356,9 @@ class DistributedDataParallel(nn.Module):
         self.unused_params = self._sync_unused_params()
         self._grads_synced = True
         if self.config.check_for_nan_in_grad and not allow_nonfinite:
-            self._raise_if_nonfinite()
+            self._nonfinite.raise_if_nonfinite(
+                sharded=self.config.use_distributed_optimizer and self._comm_hook is None
+            )
         if self._sets_grad:
             unused = set(self.unused_params)
             for bucket in self.buckets:
@@ -431,7 +426,7 @@ class DistributedDataParallel(nn.Module):
         self._next_bucket = 0
         self._grads_synced = False
         self._locally_used = set()
-        self._local_finite = []
+        self._nonfinite.reset()
         self.unused_params = []
 
     def register_comm_hook(self, state: object, hook: CommHook) -> None:
@@ -470,57 +465,3 @@ class DistributedDataParallel(nn.Module):
         if assign:
             raise ValueError("assign=True would detach parameters from the DDP buffers; load in place")
         return self.module.load_state_dict(state_dict, strict=strict)
-
-    # --- NaN/Inf detection ----------------------------------------------------------------------
-    def _shard_of(self, bucket: _Bucket) -> tuple[int, int]:
-        """This rank's reduce-scatter shard of ``bucket``, relative to the bucket's start."""
-        lo, hi = bucket.shard_range(self.dp_rank, self.dp_size)
-        return lo - bucket.start, hi - bucket.start
-
-    def _raise_if_nonfinite(self) -> None:
-        """Called after all collectives completed on every rank, so raising here cannot hang a peer.
-
-        One host sync reads the per-bucket flags recorded at launch (this rank's local gradients) and
-        those of the reduced buckets; parameter names are looked up only when something is wrong.
-        """
-        n = len(self._local_finite)
-        sharded = self.config.use_distributed_optimizer and self._comm_hook is None
-        # After a reduce-scatter only this rank's shard of each bucket is reduced (the rest is local
-        # garbage that differs between ranks): check the shard, and agree across ranks with one
-        # all-reduce (MAX) so that every rank raises or none does.
-        reduced = [
-            torch.isfinite(b.grad_data[slice(*self._shard_of(b))] if sharded else b.grad_data).all()
-            for b in self.buckets
-        ]
-        flags = torch.stack(self._local_finite + reduced)
-        if sharded:
-            bad = (~flags.all()).to(torch.uint8).reshape(1)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
-            if not bool(bad):
-                return
-        flags = flags.tolist()
-        if all(flags):
-            if sharded:
-                raise NonFiniteGradError(
-                    f"non-finite (NaN/Inf) gradient after reduction in another rank's shard (rank "
-                    f"{self.global_rank} holds finite values); that rank's error names the parameters"
-                )
-            return
-        names = [
-            self.param_to_name[p]
-            for b, ok in zip(self.buckets, flags[n:], strict=True)
-            if not ok
-            for p in b.params
-            if not bool(torch.isfinite(p.main_grad).all())
-        ]
-        local_bad = [b.index for b, ok in zip(self.buckets, flags[:n], strict=True) if not ok]
-        if local_bad:
-            raise NonFiniteGradError(
-                f"non-finite (NaN/Inf) gradient on rank {self.global_rank} (data-parallel rank "
-                f"{self.dp_rank}) before reduction, in bucket(s) {local_bad}; non-finite after reduction "
-                f"in parameter(s): {', '.join(names)}"
-            )
-        raise NonFiniteGradError(
-            f"non-finite (NaN/Inf) gradient after reduction on rank {self.global_rank}, in parameter(s): "
-            f"{', '.join(names)}; it came from another rank, whose error names it"
-        )

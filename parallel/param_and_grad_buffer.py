@@ -78,7 +78,6 @@ class ParamAndGradBuffer:
             raise ValueError("ParamAndGradBuffer needs at least one parameter")
         self.param_dtype = param_dtype
         self.grad_dtype = grad_dtype
-        self.data_parallel_size = data_parallel_size
         self.pad_multiple = math.lcm(data_parallel_size, alignment)
         device = params[0].device
 
@@ -141,11 +140,7 @@ class ParamAndGradBuffer:
             self.buckets.append(bucket)
             start += padded
 
-    def zero_grad_buffer(self) -> None:
-        """Zero all main grads (padding included) and forget which grads arrived."""
-        self.grad_data.zero_()
-        self.reset()
-
     def reset(self) -> None:
+        """Forget which grads arrived (the grads themselves are overwritten by the next backward)."""
         for b in self.buckets:
             b.params_ready.clear()

@@ -1,7 +1,8 @@
 """Turn a config dataclass into ``--field=value`` command-line flags, and run a ``python -m`` tool on them.
 
 Generic: imports nothing from z2all but the logger setup, so any package's ``python -m`` entry point
-may use it.
+may use it. :func:`parse_bool` is the project's one rule for boolean flags (these flags, the training
+config's, ``python -m z2all.sample``'s).
 
 Each field becomes one flag with the field's type and default; the docstring under a field is not
 available at runtime, so the help text names the type and default. Unknown flags are an error, and
@@ -37,13 +38,26 @@ USER_ERROR = 2
 USER_ERRORS = (ValueError, OSError)
 
 
-def _parse_bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+class _NotABoolError(ValueError, argparse.ArgumentTypeError):
+    """A ValueError for callers; as an ArgumentTypeError, argparse prints its message verbatim
+    (``prog: error: argument --flag: expected true/false ...``) instead of "invalid value"."""
+
+
+def parse_bool(value: str | bool) -> bool:
+    """The one boolean flag rule: 1/true/yes/on and 0/false/no/off (any case), or a real bool.
+
+    Anything else (another string, a number, None) raises ValueError naming the value. Usable as an
+    argparse ``type=`` as it is: argparse reports that error as a bad flag.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+    raise _NotABoolError(f"expected true/false (or 1/0, yes/no, on/off), got {value!r}")
 
 
 def _dataclass_parser(cls: type, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
@@ -54,8 +68,8 @@ def _dataclass_parser(cls: type, description: str = "", prog: str | None = None)
         if not f.init:
             continue
         typ = hints[f.name]
-        conv = _parse_bool if typ is bool else typ
-        if conv not in (int, float, str, _parse_bool):
+        conv = parse_bool if typ is bool else typ
+        if conv not in (int, float, str, parse_bool):
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {typ}")
         has_default = f.default is not dataclasses.MISSING
         parser.add_argument(
@@ -99,7 +113,7 @@ def run_cli(
     parser = _dataclass_parser(cls, description, prog)
     parser.add_argument(
         "--debug",
-        type=_parse_bool,
+        type=parse_bool,
         nargs="?",
         const=True,
         default=False,

@@ -30,7 +30,7 @@ from pathlib import Path
 from z2all.atomic import atomic_open
 from z2all.log import setup_logging
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,10 +128,10 @@ def build_demo_data(data_dir: Path, limit_bytes: int = 3_000_000) -> dict:
 
 
 def _run(cmd: list[str]) -> None:
-    log.info("$ %s", " ".join(cmd))
+    logger.info("$ %s", " ".join(cmd))
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
-    log.info("  done in %.1fs", time.time() - t0)
+    logger.info("  done in %.1fs", time.time() - t0)
 
 
 def _loss_ends(run_dir: Path) -> tuple[float, float, int]:
@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     data, tok, runs = out / "data", out / "tokenizer", out / "runs"
     py = sys.executable
 
-    log.info("[1/6] building the demo corpus from the Python standard library into %s", data)
-    log.info("  %s", build_demo_data(data))
-    log.info("[2/6] training a byte-level BPE tokenizer")
+    logger.info("[1/6] building the demo corpus from the Python standard library into %s", data)
+    logger.info("  %s", build_demo_data(data))
+    logger.info("[2/6] training a byte-level BPE tokenizer")
     _run(
         [
             py,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             "--tokenizer_type=hf_bbpe",
         ]
     )
-    log.info("[3/6] pretokenizing and building the sample index")
+    logger.info("[3/6] pretokenizing and building the sample index")
     _run(
         [
             py,
@@ -206,14 +206,14 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
 
-    log.info("[4/6] pretraining the tiny model on %d CPU processes", args.nproc)
+    logger.info("[4/6] pretraining the tiny model on %d CPU processes", args.nproc)
     train(
         "demo_pretrain.json",
         f"--data_dir={out / 'pretok'}",
         f"--out_dir={runs / 'pretrain'}",
         f"--max_iters={args.pretrain_iters}",
     )
-    log.info("[5/6] supervised fine-tuning on the docstring dialogues")
+    logger.info("[5/6] supervised fine-tuning on the docstring dialogues")
     train(
         "demo_sft.json",
         f"--data_dir={data / 'sft'}",
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--out_dir={runs / 'sft'}",
         f"--max_iters={args.sft_iters}",
     )
-    log.info("[6/6] sampling from the chat model")
+    logger.info("[6/6] sampling from the chat model")
     _run(
         [
             py,

@@ -18,6 +18,10 @@ import sys
 
 import torch
 
+import z2all
+from optimizer.adamw import auto_adamw_backend
+from z2all.model import kernels
+
 OPTIONAL_LIBRARIES = (
     "flash_attn",
     "apex",
@@ -72,9 +76,6 @@ def _nccl_version() -> str | None:
 
 def collect() -> dict:
     """The report as a dict (what ``--json`` prints)."""
-    import z2all
-    from z2all.model import kernels
-
     dist = torch.distributed
     backends = []
     if dist.is_available():
@@ -85,8 +86,6 @@ def collect() -> dict:
         ):
             if getattr(dist, check, lambda: False)():
                 backends.append(name)
-    from optimizer.adamw import auto_adamw_backend
-
     # The optimizer's own resolution (apex only if FusedAdam imports), for parameters on the default device.
     adamw = auto_adamw_backend(on_cuda=torch.cuda.is_available())
     return {

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from z2all.log import setup_logging
+from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint_format import MANIFEST, list_checkpoints
 from z2all.training.model_loading import (
     find_tokenizer_dir,
@@ -166,8 +168,6 @@ def export_hf(
         raise FileNotFoundError(
             f"{out_dir}: no tokenizer: its config.json has no tokenizer_dir; pass --tokenizer_dir"
         )
-    from z2all.tokenizer import Z2allTokenizer
-
     tok = Z2allTokenizer.from_pretrained(tok_dir)
     model, _ = load_model_from_dir(out_dir)
     # The special ids transformers reads from config.json are the tokenizer's, whatever the run set.
@@ -194,8 +194,6 @@ def export_hf(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from z2all.log import setup_logging
-
     p = argparse.ArgumentParser(prog="python -m z2all.export_hf", description=__doc__.splitlines()[0])
     p.add_argument("--out_dir", required=True, help="z2all run folder (its newest loadable checkpoint)")
     p.add_argument("--save_dir", required=True, help="destination Hugging Face folder")

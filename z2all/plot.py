@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from z2all.atomic import atomic_write_bytes
+from z2all.log import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, metrics=DEFAULT_METRICS) -> Path:
     """Draw ``metrics`` of every run into one PNG; returns its path (default ``<first run>/metrics.png``)."""
-    try:
+    try:  # optional: only this function needs it (pip install -e .[plot])
         import matplotlib
 
         matplotlib.use("Agg")
@@ -108,8 +109,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, met
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from z2all.log import setup_logging
-
     p = argparse.ArgumentParser(prog="python -m z2all.plot", description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders holding metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: <first DIR>/metrics.png)")

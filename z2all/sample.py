@@ -17,14 +17,17 @@ from pathlib import Path
 
 import torch
 
+from z2all.cli_args import parse_bool
+from z2all.data.chat import render_chat
+from z2all.log import setup_logging
+from z2all.tokenizer import Z2allTokenizer
+from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir, run_model_tool
+
 logger = logging.getLogger(__name__)
 
 
 def load_for_sampling(out_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu"):
     """``(model, tokenizer)``: the model of ``out_dir`` in eval mode on ``device`` and its tokenizer."""
-    from z2all.tokenizer import Z2allTokenizer
-    from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
-
     if not Path(out_dir).is_dir():
         raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(out_dir)
@@ -41,8 +44,6 @@ def load_for_sampling(out_dir: str | Path, tokenizer_dir: str | Path | None = No
 def prompt_ids(tok, prompt: str, chat: bool, system: str | None = None) -> tuple[list[int], int]:
     """``(ids, stop_id)``: the prompt as the model saw such text in training, and where to stop."""
     if chat:
-        from z2all.data.chat import render_chat
-
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
@@ -96,14 +97,6 @@ def sample(
     ]
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes"):
-        return True
-    if v.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
 def _optional_int(v: str) -> int | None:
     return None if v.lower() in ("none", "0") else int(v)
 
@@ -116,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m z2all.sample", description=__doc__.splitlines()[0])
     p.add_argument("--out_dir", required=True, help="z2all run folder (newest checkpoint) or HF Llama folder")
     p.add_argument("--prompt", default="", help="prompt text; FILE:path reads it from a file")
-    p.add_argument("--chat", type=_bool, nargs="?", const=True, default=False, help="ChatML user turn")
+    p.add_argument("--chat", type=parse_bool, nargs="?", const=True, default=False, help="ChatML user turn")
     p.add_argument("--system", default=None, help="system message in --chat mode")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -130,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    from z2all.log import setup_logging
-
     args = build_parser().parse_args(argv)
     setup_logging()
     prompt = args.prompt
@@ -160,6 +151,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    from z2all.training.model_loading import run_model_tool
-
     run_model_tool(main, "python -m z2all.sample")

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 
 class GradBucket:
@@ -42,7 +41,6 @@ class GradBucket:
         params: list[torch.nn.Parameter],
         param_names: list[str],
         offsets: list[int],
-        process_group: dist.ProcessGroup | None,
         record_comm_bytes: Callable[[int], None],
     ):
         # buffer: (numel_padded,) contiguous; offsets[i] = start of params[i] inside it.
@@ -53,7 +51,6 @@ class GradBucket:
         self._params = list(params)
         self._param_names = list(param_names)
         self._offsets = list(offsets)
-        self.process_group = process_group
         self._record = record_comm_bytes
         self._all_used = True  # set by the DDP at each launch
 

@@ -147,8 +147,6 @@ class PowerSGDState:
         self.p_memory_dict: dict[int, torch.Tensor] = {}
         self.q_memory_dict: dict[int, torch.Tensor] = {}
         self.iter = 0  # finished iterations: incremented when the last bucket (highest index) is hooked
-        self.total_numel_before_compression = 0
-        self.total_numel_after_compression = 0
         # A bucket compresses once it has been hooked start_powerSGD_iter times. Counting per bucket
         # (not via `iter`) keeps the switch-over correct whatever order buckets are launched in.
         self._bucket_calls: dict[int, int] = defaultdict(int)
@@ -165,11 +163,6 @@ class PowerSGDState:
         self._seed_draws += 1
         return int(self._rng.randint(1_000_000_000))
 
-    def compression_stats(self) -> tuple[float, int, int]:
-        """(rate, elements before, elements after) summed over every compressed bucket call so far."""
-        before, after = self.total_numel_before_compression, self.total_numel_after_compression
-        return (before / after if after else 0.0, before, after)
-
     def state_dict(self) -> dict[str, Any]:
         """Tensors and ints only (``torch.load(weights_only=True)`` safe); the process group is not saved."""
         return {
@@ -180,8 +173,6 @@ class PowerSGDState:
             "error_dict": dict(self.error_dict),
             "p_memory_dict": dict(self.p_memory_dict),
             "q_memory_dict": dict(self.q_memory_dict),
-            "total_numel_before_compression": self.total_numel_before_compression,
-            "total_numel_after_compression": self.total_numel_after_compression,
         }
 
     def continue_from(self, iteration: int) -> None:
@@ -206,8 +197,6 @@ class PowerSGDState:
         self.error_dict = {int(k): v for k, v in sd["error_dict"].items()}
         self.p_memory_dict = {int(k): v for k, v in sd["p_memory_dict"].items()}
         self.q_memory_dict = {int(k): v for k, v in sd["q_memory_dict"].items()}
-        self.total_numel_before_compression = int(sd["total_numel_before_compression"])
-        self.total_numel_after_compression = int(sd["total_numel_after_compression"])
 
     def _plan_for(self, index: int, grads: list[torch.Tensor]) -> _BucketPlan:
         plan = self._plans.get(index)
@@ -285,8 +274,6 @@ def _powerSGD_round(state: PowerSGDState, bucket: Any) -> torch.futures.Future:
     buffer = bucket.buffer()  # (N,) flat gradients incl. zero padding
     grads = bucket.gradients()  # views into `buffer`
     plan = state._plan_for(index, grads)
-    state.total_numel_before_compression += plan.numel_before
-    state.total_numel_after_compression += plan.numel_after
 
     local = None
     if cfg.use_error_feedback:

@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import SHARED_DATA, TextCorpus, shared_corpus
 from z2all.data.readers import iter_documents
@@ -126,3 +127,25 @@ def write_corrupt_parquet(path: Path, row_groups: int = 3, rows: int = 1000) -> 
     data[at : at + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
     return path
+
+
+# ----------------------------------------------------------------------------- small SFT sources
+def write_small_sft_source(tmp_path: Path, n: int = 12) -> Path:
+    """``tmp_path/data/small.jsonl``: ``n`` one-turn dialogues (message lists) for the SFT shard tests."""
+    records = [
+        [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(n)
+    ]
+    path = tmp_path / "data" / "small.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def assert_same_sft_items(a, b) -> None:
+    """Two SFT datasets hold the same ``(input_ids, labels)`` items, int64, in the same order."""
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        (x1, y1), (x2, y2) = a[i], b[i]
+        assert torch.equal(x1, x2) and torch.equal(y1, y2), i
+        assert x1.dtype == x2.dtype == torch.long

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
+from data_preprocess.pretok_sft import PretokenizeSFTConfig, pretokenize_sft
 from z2all.data import readers
 from z2all.data.dpo_dataset import DPODataset
 from z2all.data.pretrain_dataset import read_sidecar
 from z2all.data.sft_dataset import SFTDataset
-from z2all.data.sft_pretokenize import PretokenizeSFTConfig, pretokenize_sft
 
 LONE = "bad \ud800 text"  # json.dumps writes it as the escape "\ud800": valid JSON, not encodable UTF-8
 

@@ -14,6 +14,7 @@ import torch
 
 from data_preprocess.build_pretrain_sample_index_map import IndexConfig, build_all, build_index
 from data_preprocess.pretok_pretrain import PretokenizeConfig, pretokenize
+from data_preprocess.pretok_sft import PretokenizeSFTConfig, pretokenize_sft
 from tests.data.conftest import pretokenize_small_corpus
 from z2all.data.pretrain_dataset import (
     IBIN_HEADER,
@@ -29,8 +30,7 @@ from z2all.data.pretrain_dataset import (
     sidecar_path,
     write_manifest,
 )
-from z2all.data.sft_pretok import sft_paths
-from z2all.data.sft_pretokenize import PretokenizeSFTConfig, pretokenize_sft
+from z2all.data.sft_shards import sft_paths
 
 L = 16
 
@@ -322,7 +322,7 @@ def test_start_up_check_of_the_recorded_max_token_id(bin_dir, z2all_log):
 
 def test_training_start_up_refuses_ids_the_model_has_no_embedding_for(bin_dir, tiny_tokenizer_dir):
     """z2all.training.build checks the recorded max id against the model's vocab before step 1."""
-    from z2all.training.build import build_components
+    from z2all.training.build import build_components, build_tokenizer
     from z2all.training.config import ConfigError, parse_args
 
     meta = read_sidecar(bin_dir / "b.bin")
@@ -341,4 +341,4 @@ def test_training_start_up_refuses_ids_the_model_has_no_embedding_for(bin_dir, t
     with pytest.raises(
         ConfigError, match=rf"--data_dir={bin_dir}: .*b.bin: holds token id 1000000, but the mo"
     ):
-        build_components(cfg, torch.device("cpu"))
+        build_components(cfg, torch.device("cpu"), *build_tokenizer(cfg))

@@ -31,7 +31,7 @@ class FakeBucket(GradBucket):
         offsets = [sum(math.prod(s) for s in shapes[:i]) for i in range(len(shapes))]
         names = [f"p{i}" for i in range(len(shapes))]
         self.comm_bytes = 0
-        super().__init__(index, is_last, flat, params, names, offsets, None, self._count)
+        super().__init__(index, is_last, flat, params, names, offsets, self._count)
 
     def _count(self, n: int) -> None:
         self.comm_bytes += n

@@ -19,6 +19,7 @@ from tests.data.conftest import tiny_tokenizer_dir  # noqa: F401  (session fixtu
 from z2all.model import Z2allForCausalLM, get_preset
 from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint import CheckpointManager
+from z2all.training.state import TrainProgress, TrainState
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_dir) -> TinyRun:  # noqa: F811
             {"task_type": "pretrain", "tokenizer_dir": str(tiny_tokenizer_dir), "model_config": "tiny"}
         )
     )
-    CheckpointManager(run_dir).save(2, model, opt, {"step": 2, "tokens": 64})
+    CheckpointManager(run_dir).save(2, TrainState.of(model, opt, progress=TrainProgress(step=2, tokens=64)))
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in (1, 2):
             f.write(

@@ -84,18 +84,19 @@ def test_export_bf16_and_errors(tiny_run, tmp_path):
         load_model_from_dir(tmp_path / "empty")
 
 
-def test_load_model_from_dir_falls_back_and_reads_run_config(tiny_run, tmp_path, caplog):
+def test_load_model_from_dir_falls_back_and_needs_the_manifest_config(tiny_run, tmp_path, caplog):
     import json
     import shutil
 
     from z2all.training.checkpoint import CheckpointManager
+    from z2all.training.state import TrainProgress, TrainState
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run)
     newer, _ = load_model_from_dir(run)
     with torch.no_grad():
         newer.lm_head.weight.add_(1.0)  # tied: changes the embedding too
-    CheckpointManager(run).save(3, newer, None, {"step": 3})
+    CheckpointManager(run).save(3, TrainState.of(newer, progress=TrainProgress(step=3)))  # no optimizer
     assert torch.equal(load_model_from_dir(run)[0].lm_head.weight, newer.lm_head.weight)
 
     data = next((run / "step_000003" / "state").glob("*.distcp"))
@@ -105,25 +106,16 @@ def test_load_model_from_dir_falls_back_and_reads_run_config(tiny_run, tmp_path,
     assert torch.equal(model.lm_head.weight, tiny_run.model.lm_head.weight)
     assert any("step_000003" in r.getMessage() for r in caplog.records)
 
-    # A manifest without model_config: the run config's resolved "model" dict is used instead.
+    # A manifest without model_config is no z2all model checkpoint: refused, even when the run's
+    # config.json holds a resolved "model" dict (the manifest is the one record of the saved model).
     manifest_path = run / "step_000002" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     cfg_dict = manifest.pop("model_config")
     manifest_path.write_text(json.dumps(manifest))
     run_cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**run_cfg, "model": cfg_dict}))
-    model, cfg = load_model_from_dir(run / "step_000002")
-    assert cfg == tiny_run.model.config
-    assert torch.equal(model.lm_head.weight, tiny_run.model.lm_head.weight)
-
-
-def test_model_loading_names_still_importable_from_checkpoint():
-    """Compatibility: the names moved to z2all.training.model_loading are re-exported."""
-    from z2all.training import checkpoint, model_loading
-
-    assert checkpoint.load_model_from_dir is model_loading.load_model_from_dir
-    assert checkpoint.find_tokenizer_dir is model_loading.find_tokenizer_dir
-    assert checkpoint._run_model_config is model_loading._run_model_config
+    with pytest.raises(FileNotFoundError, match=r"step_000002: no model_config in manifest\.json"):
+        load_model_from_dir(run / "step_000002")
 
 
 # --- where an export may go -------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 The model is a tiny stand-in (embedding, dropout, linear) whose loss draws from every RNG stream, so
 "the losses after resume equal the uninterrupted ones" checks model, AdamW state and all RNG streams.
+The manager saves a :class:`~z2all.training.state.TrainState`; the manifest it returns on load names
+the step, so "which checkpoint was loaded" is read there (or from a component saved with it).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from z2all.training.checkpoint import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
-    list_checkpoints,
-    safe_torch_load,
 )
-from z2all.training.checkpoint_safety import SafeFileSystemReader
+from z2all.training.checkpoint_format import list_checkpoints
+from z2all.training.checkpoint_safety import SafeFileSystemReader, safe_torch_load
 from z2all.training.rng_state import seed_all
+from z2all.training.state import ScalerState, TrainProgress, TrainState
 
 
 @dataclasses.dataclass
@@ -79,6 +81,30 @@ def make(seed: int = 0, cfg: TinyConfig | None = None) -> tuple[Tiny, torch.opti
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
+def fresh(seed: int = 0, cfg: TinyConfig | None = None) -> TrainState:
+    """The state of a freshly built model and optimizer (weights from ``seed``) to load into."""
+    return TrainState.of(*make(seed, cfg))
+
+
+class Note:
+    """A per-rank test component holding any dict (``state.per_rank``): what a rank writes for itself."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = dict(state or {})
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state = dict(state_dict)
+
+
+def with_note(state: TrainState, note: Note) -> TrainState:
+    """``state`` plus ``note`` as the per-rank component "note" (next to the RNG streams)."""
+    state.per_rank["note"] = note
+    return state
+
+
 def saved_steps(out_dir: Path) -> list[int]:
     return sorted(s for s, _ in list_checkpoints(out_dir))
 
@@ -93,12 +119,12 @@ def rewrite_manifest_entry(ckpt_dir: Path, rel: str) -> None:
 
 
 def save_two(out_dir: Path, **kw) -> CheckpointManager:
-    """Checkpoints at steps 1 and 2 whose ``extra['step']`` says which one was loaded."""
+    """Checkpoints at steps 1 and 2 (the loaded manifest's ``step`` says which one was loaded)."""
     model, opt = make()
     mgr = CheckpointManager(out_dir, **kw)
     for step in (1, 2):
         train_step(model, opt)
-        mgr.save(step, model, opt, {"step": step})
+        mgr.save(step, TrainState.of(model, opt))
     return mgr
 
 
@@ -107,9 +133,12 @@ def test_round_trip_is_exact(tmp_path):
     seed_all(11)
     for _ in range(3):
         train_step(model, opt)
-    extra = {"step": 3, "tokens": 96, "scaler": {"scale": torch.tensor(65536.0), "growth": 2000}, "tag": None}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)  # not the defaults
     # A compiled wrapper must not leak `_orig_mod.` into the checkpoint (construction does not compile).
-    path = CheckpointManager(tmp_path).save(3, torch.compile(model), opt, extra)
+    state = TrainState.of(
+        torch.compile(model), opt, progress=TrainProgress(3, 96), scaler=ScalerState(scaler)
+    )
+    path = CheckpointManager(tmp_path).save(3, with_note(state, Note({"tag": None, "n": 7})))
     expected = [train_step(model, opt) for _ in range(3)]
     expected_params = {k: v.clone() for k, v in model.state_dict().items()}
     expected_opt = opt.state_dict()
@@ -120,11 +149,14 @@ def test_round_trip_is_exact(tmp_path):
     meta = SafeFileSystemReader(path / "state").read_metadata()
     assert all("_orig_mod" not in k and "module." not in k for k in meta.state_dict_metadata)
 
-    model2, opt2 = make(seed=123)  # different init, fresh optimizer, scrambled RNG
+    model2, opt2 = make(seed=123)  # different init, fresh optimizer, fresh scaler, scrambled RNG
     seed_all(999)
-    got_extra = CheckpointManager(tmp_path).load_latest(model2, opt2)
-    assert got_extra["step"] == 3 and got_extra["tokens"] == 96 and got_extra["tag"] is None
-    assert torch.equal(got_extra["scaler"]["scale"], torch.tensor(65536.0))
+    progress2, scaler2, note2 = TrainProgress(), torch.amp.GradScaler("cpu"), Note()
+    state2 = TrainState.of(model2, opt2, progress=progress2, scaler=ScalerState(scaler2))
+    got = CheckpointManager(tmp_path).load_latest(with_note(state2, note2))
+    assert got["step"] == 3 and progress2 == TrainProgress(3, 96)
+    assert (scaler2.get_scale(), scaler2.get_growth_interval()) == (1024.0, 7)
+    assert note2.state == {"tag": None, "n": 7}
     got = [train_step(model2, opt2) for _ in range(3)]
     assert got == expected  # bit-identical losses: model, AdamW state and every RNG stream
     for k, v in model2.state_dict().items():
@@ -135,8 +167,7 @@ def test_round_trip_is_exact(tmp_path):
 
 
 def test_empty_dir_returns_none(tmp_path):
-    model, opt = make()
-    assert CheckpointManager(tmp_path / "nothing").load_latest(model, opt) is None
+    assert CheckpointManager(tmp_path / "nothing").load_latest(fresh()) is None
 
 
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
@@ -148,7 +179,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     model, opt = make()
     monkeypatch.setattr(ckpt_mod, "atomic_write_json", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        mgr.save(3, model, opt, {"step": 3})
+        mgr.save(3, TrainState.of(model, opt))
     monkeypatch.undo()
     assert not (tmp_path / "ckpt_tmp-000003").exists()  # a save that raises removes its partial folder
     assert saved_steps(tmp_path) == [1, 2]
@@ -157,9 +188,9 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     import shutil
 
     shutil.copytree(tmp_path / "step_000002", tmp_path / "ckpt_tmp-000009")
-    assert mgr.load_latest(*make(seed=5))["step"] == 2
+    assert mgr.load_latest(fresh(seed=5))["step"] == 2
 
-    mgr.save(4, model, opt, {"step": 4})  # the next save cleans up crashed tmp folders
+    mgr.save(4, TrainState.of(model, opt))  # the next save cleans up crashed tmp folders
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000004"]
 
 
@@ -167,15 +198,16 @@ _KILL_SCRIPT = """
 import os, signal, sys
 from tests.training.test_checkpoint import make, train_step
 from z2all.training import checkpoint as c
+from z2all.training.state import TrainState
 model, opt = make()
 mgr = c.CheckpointManager(sys.argv[1])
 train_step(model, opt)
-mgr.save(1, model, opt, {"step": 1})
+mgr.save(1, TrainState.of(model, opt))
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 setattr(c, sys.argv[2], die)
 train_step(model, opt)
-mgr.save(2, model, opt, {"step": 2})
+mgr.save(2, TrainState.of(model, opt))
 """
 
 
@@ -196,23 +228,29 @@ def test_sigkill_mid_save(tmp_path):
     )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert (tmp_path / "ckpt_tmp-000002").exists() == (expect_step == 1)
-    assert CheckpointManager(tmp_path).load_latest(*make(seed=2))["step"] == expect_step
+    assert CheckpointManager(tmp_path).load_latest(fresh(seed=2))["step"] == expect_step
 
 
 def test_rotation_keeps_newest_two(tmp_path):
     model, opt = make()
     mgr = CheckpointManager(tmp_path, keep=2)
+
+    def at(step: int, tokens: int = 0) -> TrainState:
+        return TrainState.of(model, opt, progress=TrainProgress(step, tokens))
+
     for step in range(1, 5):
-        mgr.save(step, model, opt, {"step": step})
+        mgr.save(step, at(step))
         assert saved_steps(tmp_path) == list(range(max(1, step - 1), step + 1))
-    mgr.save(4, model, opt, {"step": 44})  # re-saving a step replaces it
+    mgr.save(4, at(4, tokens=44))  # re-saving a step replaces it
     assert saved_steps(tmp_path) == [3, 4]
-    assert mgr.load_latest(model, opt)["step"] == 44
+    progress = TrainProgress()
+    assert mgr.load_latest(TrainState.of(model, opt, progress=progress))["step"] == 4
+    assert progress == TrainProgress(4, 44)  # the re-saved one
     # A save at an older step after resuming from 4: 4 stays as the previous checkpoint (newest +
     # previous guarantee), 3 goes (older in this lineage than 4).
-    mgr.save(2, model, opt, {"step": 2})
+    mgr.save(2, at(2))
     assert saved_steps(tmp_path) == [2, 4]
-    mgr.save(3, model, opt, {"step": 3})  # now the lineage is 4 -> 2 -> 3: keep 2 and 3
+    mgr.save(3, at(3))  # now the lineage is 4 -> 2 -> 3: keep 2 and 3
     assert saved_steps(tmp_path) == [2, 3]
     with pytest.raises(ValueError, match="keep"):
         CheckpointManager(tmp_path, keep=0)
@@ -224,8 +262,8 @@ def test_fresh_manager_drops_stale_future(tmp_path):
     model, opt = make()
     mgr = CheckpointManager(tmp_path, keep=3)
     for step in (1, 3, 4):
-        mgr.save(step, model, opt, {"step": step})
-    CheckpointManager(tmp_path, keep=3).save(2, model, opt, {"step": 2})
+        mgr.save(step, TrainState.of(model, opt))
+    CheckpointManager(tmp_path, keep=3).save(2, TrainState.of(model, opt))
     assert saved_steps(tmp_path) == [1, 2]
 
 
@@ -235,12 +273,12 @@ def test_resume_from_older_keeps_it_through_later_saves(tmp_path):
     model, opt = make()
     mgr = CheckpointManager(tmp_path, keep=2)
     for step in (3, 5):
-        mgr.save(step, model, opt, {"step": step})
+        mgr.save(step, TrainState.of(model, opt))
     resumed = CheckpointManager(tmp_path, keep=2)
     resumed._lineage = [3]  # what load_latest records after loading step 3
-    resumed.save(4, model, opt, {"step": 4})
+    resumed.save(4, TrainState.of(model, opt))
     assert saved_steps(tmp_path) == [3, 4]
-    resumed.save(5, model, opt, {"step": 5})
+    resumed.save(5, TrainState.of(model, opt))
     assert saved_steps(tmp_path) == [4, 5]
 
 
@@ -251,7 +289,7 @@ def test_corrupt_newest_never_displaces_the_good_previous(tmp_path, caplog, how)
     model, opt = make()
     mgr = CheckpointManager(tmp_path, keep=2, verify=how == "verify")
     for step in range(1, 5):
-        mgr.save(step, model, opt, {"step": step})
+        mgr.save(step, TrainState.of(model, opt))
     if how == "verify":
         _truncate(tmp_path / "step_000004")
     else:  # passes size/sha256 checks, fails inside DCP
@@ -260,14 +298,14 @@ def test_corrupt_newest_never_displaces_the_good_previous(tmp_path, caplog, how)
         rewrite_manifest_entry(tmp_path / "step_000004", "state/.metadata")
     resumed = CheckpointManager(tmp_path, keep=2, verify=how == "verify")
     with caplog.at_level(logging.WARNING, logger="z2all"):
-        assert resumed.load_latest(*make(seed=1))["step"] == 3
+        assert resumed.load_latest(fresh(seed=1))["step"] == 3
     assert saved_steps(tmp_path) == [3]
     assert (tmp_path / "ckpt_corrupt-000004").is_dir()
     assert any("ckpt_corrupt-000004" in r.getMessage() for r in caplog.records)
-    resumed.save(5, model, opt, {"step": 5})
+    resumed.save(5, TrainState.of(model, opt))
     assert saved_steps(tmp_path) == [3, 5]
     (tmp_path / "step_000005" / "manifest.json").unlink()  # the good previous one is loadable
-    assert CheckpointManager(tmp_path).load_latest(*make(seed=2))["step"] == 3
+    assert CheckpointManager(tmp_path).load_latest(fresh(seed=2))["step"] == 3
 
 
 def _truncate(d: Path) -> None:
@@ -295,8 +333,8 @@ def test_fallback_to_previous_on_corrupt_newest(tmp_path, caplog, corrupt):
     mgr = save_two(tmp_path)
     corrupt(tmp_path / "step_000002")
     with caplog.at_level(logging.WARNING, logger="z2all"):
-        extra = mgr.load_latest(*make(seed=3))
-    assert extra["step"] == 1
+        manifest = mgr.load_latest(fresh(seed=3))
+    assert manifest["step"] == 1
     assert any("step_000002" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
@@ -307,8 +345,8 @@ def test_fallback_on_dcp_load_error(tmp_path, caplog):
     meta.write_bytes(b"\x00" * meta.stat().st_size)
     rewrite_manifest_entry(tmp_path / "step_000002", "state/.metadata")
     with caplog.at_level(logging.WARNING, logger="z2all"):
-        assert mgr.load_latest(*make(seed=3))["step"] == 1
-    assert any("failed to load" in r.getMessage() for r in caplog.records)
+        assert mgr.load_latest(fresh(seed=3))["step"] == 1
+    assert any("step_000002 could not be loaded" in r.getMessage() for r in caplog.records)
 
 
 def test_garbage_rank_file_is_corrupt_not_unsafe(tmp_path, caplog):
@@ -318,7 +356,7 @@ def test_garbage_rank_file_is_corrupt_not_unsafe(tmp_path, caplog):
     (tmp_path / "step_000002" / "rank_00000.pt").write_bytes(b"not a torch file" * 8)
     rewrite_manifest_entry(tmp_path / "step_000002", "rank_00000.pt")
     with caplog.at_level(logging.WARNING, logger="z2all"):
-        assert mgr.load_latest(*make(seed=3))["step"] == 1
+        assert mgr.load_latest(fresh(seed=3))["step"] == 1
     assert any("not a readable torch file" in r.getMessage() for r in caplog.records)
 
 
@@ -327,7 +365,7 @@ def test_all_corrupt_is_an_error(tmp_path):
     _truncate(tmp_path / "step_000001")
     _bitflip(tmp_path / "step_000002")
     with pytest.raises(CorruptCheckpointError, match="no loadable checkpoint"):
-        mgr.load_latest(*make())
+        mgr.load_latest(fresh())
 
 
 def test_model_mismatch_names_the_keys(tmp_path):
@@ -335,7 +373,7 @@ def test_model_mismatch_names_the_keys(tmp_path):
     with pytest.raises(
         CheckpointMismatchError, match=r"emb\.weight: checkpoint \(32, 16\) vs model \(40, 16\)"
     ):
-        mgr.load_latest(*make(cfg=TinyConfig(vocab=40)))
+        mgr.load_latest(fresh(cfg=TinyConfig(vocab=40)))
 
 
 # --- weights_only refusal ---------------------------------------------------------------------
@@ -357,10 +395,10 @@ class Payload:
 def test_unsafe_rank_file_is_refused(tmp_path):
     mgr = save_two(tmp_path)
     d = tmp_path / "step_000002"
-    torch.save({"rng": {}, "extra": {"evil": Payload()}}, d / "rank_00000.pt")
+    torch.save({"rng": {}, "note": {"evil": Payload()}}, d / "rank_00000.pt")
     rewrite_manifest_entry(d, "rank_00000.pt")
     with pytest.raises(UnsafeCheckpointError, match=r"rank_00000\.pt.*arbitrary unpickling"):
-        mgr.load_latest(*make())
+        mgr.load_latest(fresh())
     with pytest.raises(UnsafeCheckpointError, match="rank_00000.pt"):
         safe_torch_load(d / "rank_00000.pt")
     assert EXECUTED == []
@@ -372,15 +410,19 @@ def test_unsafe_dcp_metadata_is_refused(tmp_path):
     (d / "state" / ".metadata").write_bytes(pickle.dumps(Payload()))
     rewrite_manifest_entry(d, "state/.metadata")
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata.*_mark_executed"):
-        mgr.load_latest(*make())
+        mgr.load_latest(fresh())
     assert EXECUTED == []
 
 
-def test_unloadable_extra_is_refused_at_save(tmp_path):
+def test_unloadable_per_rank_state_is_refused_at_save(tmp_path):
+    """A per-rank component whose state would not load with ``weights_only``: refused before a byte
+    is written (not even the tmp folder)."""
     model, opt = make()
-    with pytest.raises(ValueError, match="extra"):
-        CheckpointManager(tmp_path).save(1, model, opt, {"evil": Payload()})
-    assert saved_steps(tmp_path) == []
+    state = with_note(TrainState.of(model, opt), Note({"evil": Payload()}))
+    with pytest.raises(ValueError, match=r"per-rank checkpoint state \(rng, note\)"):
+        CheckpointManager(tmp_path).save(1, state)
+    assert saved_steps(tmp_path) == [] and list(tmp_path.iterdir()) == []
+    assert EXECUTED == []
 
 
 def test_real_model_tied_embeddings_round_trip(tmp_path):
@@ -404,10 +446,10 @@ def test_real_model_tied_embeddings_round_trip(tmp_path):
 
     model, opt = build(0)
     step(model, opt)
-    CheckpointManager(tmp_path).save(1, model, opt, {"step": 1})
+    CheckpointManager(tmp_path).save(1, TrainState.of(model, opt))
     expected = [step(model, opt) for _ in range(2)]
     model2, opt2 = build(1)
-    assert CheckpointManager(tmp_path).load_latest(model2, opt2) == {"step": 1}
+    assert CheckpointManager(tmp_path).load_latest(TrainState.of(model2, opt2))["step"] == 1
     assert model2.lm_head.weight is model2.model.embed_tokens.weight  # still tied after the load
     assert [step(model2, opt2) for _ in range(2)] == expected
 
@@ -416,11 +458,13 @@ def test_save_before_first_step_leaves_optimizer_fresh(tmp_path):
     """Saving at step 0 must not create AdamW state (a zero-lr step would shift its bias correction)."""
     model, opt = make()
     seed_all(4)
-    CheckpointManager(tmp_path).save(0, model, opt, {"step": 0})
+    path = CheckpointManager(tmp_path).save(0, TrainState.of(model, opt))
     assert not opt.state
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["components"] == {"shared": ["model"], "empty": ["optim"], "per_rank": ["rng"]}
     expected = [train_step(model, opt) for _ in range(2)]
     model2, opt2 = make(seed=9)
     train_step(model2, opt2)  # an optimizer with state: loading the fresh checkpoint clears it
-    assert CheckpointManager(tmp_path).load_latest(model2, opt2) == {"step": 0}
+    assert CheckpointManager(tmp_path).load_latest(TrainState.of(model2, opt2))["step"] == 0
     assert not opt2.state
     assert [train_step(model2, opt2) for _ in range(2)] == expected

@@ -11,9 +11,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.dist_utils import run_distributed
-from tests.training.test_checkpoint import make, rewrite_manifest_entry, train_step
-from z2all.training.checkpoint import CheckpointManager, safe_torch_load
+from tests.training.test_checkpoint import Note, make, rewrite_manifest_entry, train_step, with_note
+from z2all.training.checkpoint import CheckpointManager
+from z2all.training.checkpoint_safety import safe_torch_load
 from z2all.training.rng_state import rank_seed, seed_all
+from z2all.training.state import TrainState
 
 SEED = 5
 
@@ -23,9 +25,9 @@ def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
     #     rank 1 (new) is seeded from (seed, rank).
     model, opt = make(seed=50 + rank)
     # No seed given: the run's config.json supplies it (as when the loop does not pass one).
-    extra = CheckpointManager(single_dir).load_latest(model, opt)
+    manifest = CheckpointManager(single_dir).load_latest(TrainState.of(model, opt))
     from_single = {
-        "extra_step": extra["step"],
+        "step": manifest["step"],
         "rng_after": torch.get_rng_state(),
         "params": {k: v.clone() for k, v in model.state_dict().items()},
     }
@@ -37,20 +39,21 @@ def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
     mgr = CheckpointManager(out_dir, keep=2, seed=SEED)
     for _ in range(2):
         train_step(ddp, opt)
-    mgr.save(2, ddp, opt, {"step": 2, "rank_note": rank})
+    mgr.save(2, with_note(TrainState.of(ddp, opt), Note({"rank_note": rank})))
     expected = [train_step(ddp, opt) for _ in range(2)]
 
     model2, opt2 = make(seed=100 + rank)
     ddp2 = DDP(model2)
     seed_all(12345)
-    extra2 = mgr.load_latest(ddp2, opt2)
+    note = Note()
+    step2 = mgr.load_latest(with_note(TrainState.of(ddp2, opt2), note))["step"]
     params_at_2 = {k: v.clone() for k, v in model2.state_dict().items()}
     got = [train_step(ddp2, opt2) for _ in range(2)]
 
     # (4) Collective fallback: checkpoint 4 is fine except rank 1's own file, which only rank 1
     #     reads (the manifest is made to agree, so rank 0 sees nothing wrong): both ranks fall
     #     back to checkpoint 2 together instead of diverging or hanging.
-    mgr.save(4, ddp2, opt2, {"step": 4})
+    mgr.save(4, TrainState.of(ddp2, opt2))
     params_at_4 = {k: v.clone() for k, v in model2.state_dict().items()}
     dist.barrier()
     if rank == 0:
@@ -58,7 +61,7 @@ def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
         rewrite_manifest_entry(Path(out_dir) / "step_000004", "rank_00001.pt")
     dist.barrier()
     model3, opt3 = make(seed=7)
-    fallback_step = mgr.load_latest(model3, opt3)["step"]
+    fallback_step = mgr.load_latest(TrainState.of(model3, opt3))["step"]
     fallback_ok = all(torch.equal(v, params_at_2[k]) for k, v in model3.state_dict().items())
     return {
         "fallback_step": fallback_step,
@@ -66,7 +69,8 @@ def _two_rank_run(rank: int, world: int, single_dir: str, out_dir: str) -> dict:
         "from_single": from_single,
         "expected": expected,
         "got": got,
-        "extra": extra2,
+        "step2": step2,
+        "note": note.state,
         "params_at_4": params_at_4,
     }
 
@@ -78,7 +82,7 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     train_step(model, opt)
     single_dir.mkdir()
     (single_dir / "config.json").write_text(json.dumps({"seed": SEED}))
-    single_path = CheckpointManager(single_dir).save(1, model, opt, {"step": 1})
+    single_path = CheckpointManager(single_dir).save(1, TrainState.of(model, opt))
     assert json.loads((single_path / "manifest.json").read_text())["seed"] == SEED
     saved_params = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -90,7 +94,7 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     seed_all(rank_seed(SEED, 1))
     rank1_rng = torch.get_rng_state()
     for r in range(2):
-        assert res[r]["from_single"]["extra_step"] == 1
+        assert res[r]["from_single"]["step"] == 1
         for k, v in saved_params.items():
             assert torch.equal(res[r]["from_single"]["params"][k], v), (r, k)
     assert torch.equal(res[0]["from_single"]["rng_after"], saved_rng)
@@ -99,7 +103,7 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     # (2) exact per-rank resume; each rank kept its own RNG (different data, different losses).
     for r in range(2):
         assert res[r]["got"] == res[r]["expected"], r
-        assert res[r]["extra"] == {"step": 2, "rank_note": r}
+        assert res[r]["step2"] == 2 and res[r]["note"] == {"rank_note": r}
     assert res[0]["expected"] != res[1]["expected"]
     manifest_files = sorted(p.name for p in (out_dir / "step_000002").iterdir())
     assert manifest_files == ["manifest.json", "rank_00000.pt", "rank_00001.pt", "state"]
@@ -119,8 +123,8 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     # single process reads only rank_00000.pt, so step 4 is fine here: put it back).
     (out_dir / "ckpt_corrupt-000004").rename(out_dir / "step_000004")
     model1, opt1 = make(seed=77)
-    extra = CheckpointManager(out_dir, seed=SEED).load_latest(model1, opt1)
-    assert extra["step"] == 4
+    manifest = CheckpointManager(out_dir, seed=SEED).load_latest(TrainState.of(model1, opt1))
+    assert manifest["step"] == 4 and manifest["world_size"] == 2
     for k, v in model1.state_dict().items():
         assert torch.equal(v, res[0]["params_at_4"][k]) and torch.equal(v, res[1]["params_at_4"][k]), k
     assert len(opt1.state_dict()["state"]) == len(list(model1.parameters()))

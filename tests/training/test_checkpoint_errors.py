@@ -15,11 +15,21 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
 from tests.dist_utils import run_distributed
-from tests.training.test_checkpoint import make, rewrite_manifest_entry, save_two, saved_steps, train_step
+from tests.training.test_checkpoint import (
+    fresh,
+    make,
+    rewrite_manifest_entry,
+    save_two,
+    saved_steps,
+    train_step,
+)
 from z2all.training import checkpoint as ckpt_mod
+from z2all.training import checkpoint_io
 from z2all.training.checkpoint import CheckpointManager, CheckpointMismatchError, CheckpointWriteError
 from z2all.training.checkpoint_format import verify_checkpoint
+from z2all.training.checkpoint_guard import config_changes
 from z2all.training.model_loading import load_model_from_dir
+from z2all.training.state import TrainState
 
 
 class _FullDiskWriter(FileSystemWriter):
@@ -36,7 +46,7 @@ def _enospc(path, *args, **kwargs):
 
 
 def _fail_dcp(monkeypatch):
-    monkeypatch.setattr(ckpt_mod, "FileSystemWriter", _FullDiskWriter)
+    monkeypatch.setattr(checkpoint_io, "FileSystemWriter", _FullDiskWriter)
 
 
 def _fail_rank_file(monkeypatch):
@@ -56,15 +66,15 @@ def test_full_disk_names_the_cause_and_keeps_the_checkpoints(tmp_path, monkeypat
     train_step(model, opt)
     fail(monkeypatch)
     with pytest.raises(CheckpointWriteError) as e:
-        mgr.save(3, model, opt, {"step": 3})
+        mgr.save(3, TrainState.of(model, opt))
     monkeypatch.undo()
     msg = str(e.value)
     assert msg.startswith("no space left on device while writing checkpoint step 3 into ")
     assert str(tmp_path / "ckpt_tmp-000003") in msg and "intact (step_000002, step_000001)" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000002"]
     assert all(verify_checkpoint(tmp_path / f"step_00000{s}") is None for s in (1, 2))
-    assert CheckpointManager(tmp_path).load_latest(*make(seed=1))["step"] == 2
-    mgr.save(3, model, opt, {"step": 3})  # space again: the next save works
+    assert CheckpointManager(tmp_path).load_latest(fresh(seed=1))["step"] == 2
+    mgr.save(3, TrainState.of(model, opt))  # space again: the next save works
     assert saved_steps(tmp_path) == [2, 3]
 
 
@@ -72,13 +82,13 @@ def _full_disk_on_rank_1(rank, world, out_dir, where):
     mgr = CheckpointManager(out_dir)
     model, opt = make()
     train_step(model, opt)
-    mgr.save(1, model, opt, {"step": 1})
+    mgr.save(1, TrainState.of(model, opt))
     if rank == 1 and where == "rank_file":
         ckpt_mod.atomic_write_bytes = _enospc
     if rank == 1 and where == "dcp":
-        ckpt_mod.FileSystemWriter = _FullDiskWriter
+        checkpoint_io.FileSystemWriter = _FullDiskWriter
     try:
-        mgr.save(2, model, opt, {"step": 2})
+        mgr.save(2, TrainState.of(model, opt))
         msg = ""
     except CheckpointWriteError as e:
         msg = str(e)
@@ -94,7 +104,7 @@ def test_full_disk_on_one_rank_stops_every_rank(tmp_path, where):
     assert res[0]["msg"].startswith(f"rank 0: no space left on device{mark} while writing checkpoint step 2")
     for r in range(2):
         assert res[r]["left"] == ["step_000001"]
-    assert CheckpointManager(tmp_path).load_latest(*make(seed=1))["step"] == 1
+    assert CheckpointManager(tmp_path).load_latest(fresh(seed=1))["step"] == 1
 
 
 def _llama(**kw):
@@ -104,6 +114,10 @@ def _llama(**kw):
     torch.manual_seed(0)
     model = Z2allForCausalLM(get_preset("tiny", **kw))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _llama_state(**kw) -> TrainState:
+    return TrainState.of(*_llama(**kw))
 
 
 def _llama_step(model, opt) -> None:
@@ -116,18 +130,18 @@ def _llama_step(model, opt) -> None:
 def test_resume_refuses_an_edited_model_config(tmp_path):
     """Same shapes, other rope_theta / rms_norm_eps: the weights would load and silently compute
     something else. The backend choice (``kernels``) may change."""
-    build = _llama
-    model, opt = build()
+    build = _llama_state
+    model, opt = _llama()
     _llama_step(model, opt)
-    CheckpointManager(tmp_path).save(1, model, opt, {"step": 1})
+    CheckpointManager(tmp_path).save(1, TrainState.of(model, opt))
     with pytest.raises(CheckpointMismatchError, match=r"rope_theta: checkpoint 10000\.0, model 500000\.0"):
-        CheckpointManager(tmp_path).load_latest(*build(rope_theta=500000.0))
+        CheckpointManager(tmp_path).load_latest(build(rope_theta=500000.0))
     with pytest.raises(CheckpointMismatchError, match=r"rms_norm_eps: checkpoint 1e-05, model 1e-06"):
-        CheckpointManager(tmp_path).load_latest(*build(rms_norm_eps=1e-6))
+        CheckpointManager(tmp_path).load_latest(build(rms_norm_eps=1e-6))
     # a shape change still names the tensors (the more precise report)
     with pytest.raises(CheckpointMismatchError, match=r"shape mismatches \['model\.embed_tokens\.weight"):
-        CheckpointManager(tmp_path).load_latest(*build(vocab_size=576))
-    assert CheckpointManager(tmp_path).load_latest(*build(kernels={"attention": "eager"}))["step"] == 1
+        CheckpointManager(tmp_path).load_latest(build(vocab_size=576))
+    assert CheckpointManager(tmp_path).load_latest(build(kernels={"attention": "eager"}))["step"] == 1
 
 
 def test_a_read_error_inside_dcp_falls_back_to_the_previous_checkpoint(tmp_path):
@@ -143,7 +157,7 @@ def test_a_read_error_inside_dcp_falls_back_to_the_previous_checkpoint(tmp_path)
 
     save_two(tmp_path / "run")
     garble_newest(tmp_path / "run")
-    assert CheckpointManager(tmp_path / "run").load_latest(*make(seed=3))["step"] == 1
+    assert CheckpointManager(tmp_path / "run").load_latest(fresh(seed=3))["step"] == 1
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt_corrupt-000002", "step_000001"]
     # the same for the tools' model-only loading (z2all.sample, export_hf)
     model, opt = _llama()
@@ -151,7 +165,7 @@ def test_a_read_error_inside_dcp_falls_back_to_the_previous_checkpoint(tmp_path)
     saved = {}
     for step in (1, 2):
         _llama_step(model, opt)
-        mgr.save(step, model, opt, {"step": step})
+        mgr.save(step, TrainState.of(model, opt))
         saved[step] = model.lm_head.weight.detach().clone()
     garble_newest(tmp_path / "llama")
     loaded, _ = load_model_from_dir(tmp_path / "llama")
@@ -161,11 +175,9 @@ def test_a_read_error_inside_dcp_falls_back_to_the_previous_checkpoint(tmp_path)
 def test_resume_config_check_ignores_init_only_and_unrecorded_fields():
     """Only what changes the model's math is refused: not how fresh weights would have been drawn (a
     resume loads them), nor a field an older checkpoint did not record."""
-    from z2all.training.checkpoint import _config_changes
-
     saved = {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "initializer_range": 0.02, "kernels": {}}
     live = dict(saved, initializer_range=0.01, scale_output_init=True, new_field=3, kernels={"x": 1})
-    assert _config_changes(saved, live) == []
-    assert _config_changes(saved, dict(live, rope_theta=5e5)) == [
+    assert config_changes(saved, live) == []
+    assert config_changes(saved, dict(live, rope_theta=5e5)) == [
         "rope_theta: checkpoint 10000.0, model 500000.0"
     ]

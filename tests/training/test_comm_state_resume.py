@@ -30,7 +30,7 @@ def _steps(dp: DataParallelModel, n: int, rank: int) -> list[int]:
     for _ in range(n):
         dp(torch.randn(4, 600, generator=g)).square().sum().backward()
         dp.finish_grad_sync()
-        dp.zero_grad(None)
+        dp.zero_grad()
         sent.append(dp.pop_comm_bytes())
     return sent
 
@@ -48,7 +48,7 @@ def _rank(rank, world, out_dir):
     out = {}
     first = DataParallelModel(_model(), cfg(bucket_size=SMALL), torch.device("cpu"))
     out["first"] = _steps(first, 3, rank)  # 2 plain, 1 compressed
-    saved = first.comm_state_dict()
+    saved = first.state_dict()
 
     resumed = {
         "same": dict(bucket_size=SMALL, saved_world_size=2),
@@ -57,14 +57,9 @@ def _rank(rank, world, out_dir):
     }
     for name, kw in resumed.items():
         warnings.clear()
-        dp = DataParallelModel(
-            _model(),
-            cfg(bucket_size=kw["bucket_size"]),
-            torch.device("cpu"),
-            start_step=3,
-            comm_state=saved,
-            saved_world_size=kw["saved_world_size"],
-        )
+        dp = DataParallelModel(_model(), cfg(bucket_size=kw["bucket_size"]), torch.device("cpu"))
+        dp.load_state_dict({**saved, "world_size": kw["saved_world_size"]})
+        dp.start_at(3)
         out[name] = {"iter": dp._powersgd.iter, "sent": _steps(dp, 1, rank), "warnings": list(warnings)}
 
     # --overlap_optim_step: AdamW moments per bucket index cannot move to another layout.
@@ -78,17 +73,14 @@ def _rank(rank, world, out_dir):
         make_bucket_optimizer=make,
     )
     _steps(overlap, 1, rank)
-    saved_overlap = overlap.comm_state_dict()
+    saved_overlap = overlap.state_dict()
     try:
         DataParallelModel(
             _model(),
             cfg(bucket_size=LARGE, overlap_optim_step=True, grad_clip=0.0),
             torch.device("cpu"),
-            start_step=1,
-            comm_state=saved_overlap,
             make_bucket_optimizer=make,
-            saved_world_size=2,
-        )
+        ).load_state_dict(saved_overlap)
         out["overlap_refusal"] = ""
     except ConfigError as e:
         out["overlap_refusal"] = str(e)

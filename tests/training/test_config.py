@@ -8,13 +8,14 @@ import json
 import pytest
 
 from z2all.training.config import ConfigError, TrainConfig, field_docs, flag_names, help_text, parse_args
+from z2all.training.resume import ResumeRules
+from z2all.training.runtime import distributed_runtime
 
 
 def test_defaults_and_derived_fields():
     cfg = parse_args(["--data_dir=d", "--max_iters=40"])
     assert cfg.data_dir == "d" and cfg.max_iters == 40
     assert cfg.lr_decay_iters == 40  # 0 means max_iters
-    assert cfg.world_size == 1 and cfg.micro_steps_per_rank == cfg.gradient_accumulation_steps
     assert cfg.tokens_per_step == cfg.gradient_accumulation_steps * cfg.train_batch_size * cfg.max_seq_len
 
 
@@ -113,12 +114,19 @@ def test_non_finite_float_in_a_json_file_is_refused(tmp_path):
 
 def test_grad_accum_must_divide_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = parse_args(["--data_dir=d", "--gradient_accumulation_steps=6"])  # the config knows no world
     with pytest.raises(
         ConfigError, match=r"gradient_accumulation_steps=6 is not divisible by the world size 4"
     ):
-        parse_args(["--data_dir=d", "--gradient_accumulation_steps=6"])
-    cfg = parse_args(["--data_dir=d", "--gradient_accumulation_steps=8"])
-    assert cfg.world_size == 4 and cfg.micro_steps_per_rank == 2
+        with distributed_runtime(cfg):  # refused at start-up, before joining a process group
+            pass
+    parse_args(["--data_dir=d", "--gradient_accumulation_steps=8"]).check_world_size(4)
+
+
+def test_config_is_read_only():
+    cfg = parse_args(["--data_dir=d"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tokenizer_dir = "elsewhere"
 
 
 def test_json_file_then_flags(tmp_path):
@@ -164,8 +172,11 @@ def test_resume_reads_saved_config_and_checks_frozen(tmp_path):
     cfg = parse_args(["--resume", f"--out_dir={tmp_path}", "--max_iters=20"])
     assert cfg.resume and cfg.max_iters == 20 and cfg.data_dir == "d" and cfg.tokenizer_dir == "tok"
     assert cfg.lr_decay_iters == 10  # the saved cosine horizon is kept unless given again
+    # what may not change is one of the resume rules (z2all.training.resume), checked before building
+    changed = parse_args(["--resume", f"--out_dir={tmp_path}", "--model_config=small"])
     with pytest.raises(ConfigError, match=r"--model_config='small' differs from the resumed run's 'tiny'"):
-        parse_args(["--resume", f"--out_dir={tmp_path}", "--model_config=small"])
+        ResumeRules(changed, 1, None, "tok").check_newest()
+    ResumeRules(cfg, 1, None, "tok").check_newest()
     # a folder without a saved config: --resume starts from the given flags (the loop then finds no
     # checkpoint); a missing flag says where the saved config was looked for
     (tmp_path / "new").mkdir()
@@ -199,7 +210,7 @@ def test_every_field_is_documented_and_in_help():
         assert docs.get(f.name), f"field {f.name} has no docstring"
         if f.init:
             assert f"--{f.name}=" in text
-    assert "world_size" not in flag_names()  # derived, not a flag
+    assert "world_size" not in flag_names()  # a fact of the run (Runtime), not a setting
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "swanlab"])

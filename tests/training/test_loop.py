@@ -18,9 +18,12 @@ import torch
 from torch import nn
 
 from tests.dist_utils import run_distributed
+from z2all.training import train
+from z2all.training.build import Components
 from z2all.training.config import ConfigError, TrainConfig
-from z2all.training.loop import Components, NonFiniteStepError, train
+from z2all.training.loop import NonFiniteStepError
 from z2all.training.metrics import read_metrics
+from z2all.training.resume import ResumeRules
 from z2all.training.tasks import PretrainTask
 
 VOCAB = 32
@@ -35,7 +38,7 @@ class _Out:
 
 class TinyLM(nn.Module):
     """Embedding -> tanh MLP mixing the previous token -> LM head; enough to learn a pattern.
-    Same call convention as Z2allForCausalLM: ``labels`` aligned with inputs, shifted inside.
+    Same call convention as Z2allForCausalLM: ``targets`` aligned with positions.
 
     ``dropout > 0`` makes every training forward draw from torch's RNG, so a resume that did not
     restore the RNG streams would give other masks (other losses). The loop seeds each rank with
@@ -48,15 +51,13 @@ class TinyLM(nn.Module):
         self.mix = nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, input_ids: torch.Tensor, labels=None, return_logits: bool = True) -> _Out:
+    def forward(self, input_ids: torch.Tensor, targets=None, return_logits: bool = True) -> _Out:
         h = self.drop(self.embed(input_ids))  # (B, T, D)
         prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         logits = self.head(torch.tanh(self.mix(torch.cat([h, prev], dim=-1))))  # (B, T, V)
         loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-            )
+        if targets is not None:
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return _Out(loss, logits)
 
 
@@ -68,8 +69,8 @@ class NanGateLM(TinyLM):
         super().__init__()
         self.gate = nn.Parameter(torch.tensor([-1.0]))
 
-    def forward(self, input_ids: torch.Tensor, labels=None, return_logits: bool = True) -> _Out:
-        out = super().forward(input_ids, labels, return_logits)
+    def forward(self, input_ids: torch.Tensor, targets=None, return_logits: bool = True) -> _Out:
+        out = super().forward(input_ids, targets, return_logits)
         if out.loss is not None:
             out.loss = out.loss + 0.0 * torch.sqrt(self.gate).sum()  # sqrt(-1) = NaN
         return out
@@ -93,12 +94,18 @@ def make_components(cfg: TrainConfig, dropout: float = 0.0, nan_gate: bool = Fal
     torch.set_num_threads(1)  # tiny tensors: threads only add contention (conftest restores the count)
     torch.manual_seed(cfg.seed)  # identical init on every rank and in every run
     model = NanGateLM() if nan_gate else TinyLM(dropout=dropout)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
-    )
+
+    def make_optimizer(named_params):
+        return torch.optim.AdamW(
+            [p for _, p in named_params],
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+        )
+
     return Components(
         model=model,
-        optimizer=opt,
+        make_optimizer=make_optimizer,
         task=PretrainTask(),
         train_data=make_data(64, 1),
         val_data=make_data(16, 2),
@@ -356,19 +363,23 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     assert list((tmp_path / "tb" / "tracker").glob("events.out.tfevents.*"))
 
 
-def test_resume_refuses_to_move_optimizer_state_between_homes():
-    from types import SimpleNamespace
+def test_resume_refuses_to_move_optimizer_state_between_homes(tmp_path):
+    def rules(world, **kw):
+        return ResumeRules(make_cfg(tmp_path, **kw), world, None, "")
 
-    from z2all.training.loop import _check_optimizer_home
-
-    plain, overlapped = SimpleNamespace(steps_optimizer=False), SimpleNamespace(steps_optimizer=True)
-    _check_optimizer_home({"world_size": 2, "overlap_optim_step": False}, plain, 4)  # plain: any world size
-    _check_optimizer_home({"world_size": 2, "overlap_optim_step": True}, overlapped, 2)
-    _check_optimizer_home({"world_size": 1}, plain, 1)  # checkpoints without the key: plain
-    for extra, dp, world in [
+    plain, overlapped = dict(), dict(overlap_optim_step=True, grad_clip=0.0)
+    rules(4, **plain)(tmp_path, {"world_size": 2, "overlap_optim_step": False})  # plain: any world size
+    rules(2, **overlapped)(tmp_path, {"world_size": 2, "overlap_optim_step": True})
+    rules(1, **plain)(tmp_path, {"world_size": 1})  # checkpoints without the key: plain
+    rules(1, **overlapped)(tmp_path, {"world_size": 1})  # one process: no per-bucket optimizers
+    for run, kw, world in [
         ({"world_size": 2, "overlap_optim_step": True}, plain, 2),
         ({"world_size": 2, "overlap_optim_step": False}, overlapped, 2),
         ({"world_size": 2, "overlap_optim_step": True}, overlapped, 4),
     ]:
         with pytest.raises(ConfigError, match="cannot resume: the checkpoint's optimizer state"):
-            _check_optimizer_home(extra, dp, world)
+            rules(world, **kw)(tmp_path, run)
+    with pytest.raises(ConfigError, match="--bucket_size=1000 when saved"):
+        rules(2, bucket_size=2000, **overlapped)(
+            tmp_path, {"world_size": 2, "overlap_optim_step": True, "bucket_size": 1000}
+        )

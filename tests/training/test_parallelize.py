@@ -28,20 +28,20 @@ def _rank(rank, world, out_dir):
     for _ in range(4):  # 2 plain steps, then compressed ones
         dp(torch.randn(4, 600, generator=g)).square().sum().backward()
         dp.finish_grad_sync()
-        dp.zero_grad(torch.optim.SGD(dp.module.parameters(), lr=0.0))
+        dp.zero_grad()
     out["torch_psgd_buckets"] = int(dp.wrapped._get_ddp_logging_data()["num_buckets_reduced"])
     plain = make_cfg(f"{out_dir}/plain", ddp_impl="torch", bucket_size=1000)
     dp = DataParallelModel(_two_linears(), plain, torch.device("cpu"))
     for _ in range(4):
         dp(torch.randn(4, 600, generator=g)).square().sum().backward()
-        dp.zero_grad(torch.optim.SGD(dp.module.parameters(), lr=0.0))
+        dp.zero_grad()
     out["torch_plain_buckets"] = int(dp.wrapped._get_ddp_logging_data()["num_buckets_reduced"])
     # The reference runs on its default path: no Python comm hook; bytes come from the gradient sizes.
     out["torch_plain_hook"] = dp.wrapped._get_ddp_logging_data().get("comm_hook", "")
     for _ in range(2):
         dp(torch.randn(4, 600, generator=g)).square().sum().backward()
         dp.finish_grad_sync()
-        dp.zero_grad(torch.optim.SGD(dp.module.parameters(), lr=0.0))
+        dp.zero_grad()
     out["torch_plain_bytes"] = dp.pop_comm_bytes()
 
     # (2) a torch.compile'd model: z2all DDP and the torch-DDP NaN check name the model's own params
@@ -52,7 +52,7 @@ def _rank(rank, world, out_dir):
         if impl == "z2all":
             out["z2all_names"] = sorted(dp.wrapped.param_to_name.values())
         x = torch.randint(0, 32, (2, 8))
-        dp(x, labels=x).loss.backward()
+        dp(x, targets=x).loss.backward()
         try:
             dp.finish_grad_sync()
             out[f"{impl}_nan"] = ""

@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from z2all.labels import IGNORE_INDEX
 from z2all.training.tasks import (
     DPO_METRICS,
-    IGNORE_INDEX,
     DPOTask,
     PretrainTask,
     SFTTask,
     dpo_sigmoid_loss,
+    inputs_and_targets,
     sequence_logps,
-    shift_labels,
     token_mean_ce,
 )
 
@@ -33,9 +33,13 @@ def test_token_mean_ce_matches_torch_mean():
     assert token_mean_ce(logits, torch.full_like(targets, IGNORE_INDEX)).item() == 0.0
 
 
-def test_shift_labels():
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX]])
-    assert shift_labels(labels).tolist() == [[IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX]]
+def test_inputs_and_targets_shift_hf_labels_once():
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX]])
+    batch = inputs_and_targets(ids, labels)
+    # position t is scored on labels[t + 1]; the last token is only a target, so it is not fed
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4]]
+    assert batch["targets"].tolist() == [[IGNORE_INDEX, 3, 4, IGNORE_INDEX]]
 
 
 def test_sequence_logps_matches_loop():
@@ -92,16 +96,22 @@ def test_sft_loss_equals_ce_on_shifted_logits(tiny_model):
     ]
     task = SFTTask(pad_id=0)
     batch = task.collate(samples)
-    assert batch["input_ids"].shape == (2, 6) and batch["input_ids"][1, 3:].tolist() == [0, 0, 0]
-    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    # padded to 6, then the last position dropped: it only ever was a target
+    assert batch["input_ids"].shape == (2, 5) and batch["input_ids"][1, 3:].tolist() == [0, 0]
+    assert batch["targets"][1].tolist() == [3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     ours = task.micro_loss(tiny_model, batch).loss  # the model's (possibly fused) loss path
-    # reference: plain CE over the logits, position t scored on labels[t + 1]
-    logits = tiny_model(batch["input_ids"]).logits
-    ref = token_mean_ce(logits, shift_labels(batch["labels"]))
+    # references: the Hugging Face labels path of the model on the full padded rows, and plain CE
+    # over the logits of the trainable positions
+    full_ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 3, 4, 0, 0, 0]])
+    full_labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9], [IGNORE_INDEX, 3, 4] + [IGNORE_INDEX] * 3]
+    )
+    hf = tiny_model(full_ids, labels=full_labels).loss
+    logits = tiny_model(full_ids).logits
     manual = F.cross_entropy(
         torch.cat([logits[0, [1, 2, 4]], logits[1, [0, 1]]]).float(), torch.tensor([6, 7, 9, 3, 4])
     )
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours, manual, rtol=1e-5, atol=1e-6)
 
 
@@ -109,7 +119,7 @@ def test_pretrain_task_is_plain_next_token_ce(tiny_model):
     w = torch.randint(0, 64, (3, 9))
     task = PretrainTask()
     batch = task.collate([(w[i, :-1], w[i, 1:]) for i in range(3)])
-    assert torch.equal(batch["input_ids"], w)  # x plus the last target: one extra (unscored) token
+    assert torch.equal(batch["input_ids"], w[:, :-1]) and torch.equal(batch["targets"], w[:, 1:])
     res = task.micro_loss(tiny_model, batch)
     logits = tiny_model(w[:, :-1]).logits  # (3, 8, V): every one of the 8 positions is scored
     want = F.cross_entropy(logits.reshape(-1, 64).float(), w[:, 1:].reshape(-1))
@@ -129,7 +139,7 @@ def test_dpo_task_step_one_is_ln2(tiny_model):
     samples = [item([1, 2, 3], [4, 5], [6, 7, 8]), item([1, 9], [10], [11, 12])]
     task = DPOTask(pad_id=0, beta=0.1)
     batch = task.collate(samples)
-    assert batch["input_ids"].shape == (4, 6)  # chosen rows then rejected rows, one common T
+    assert batch["input_ids"].shape == (4, 5)  # chosen rows then rejected rows, one common T - 1
     ref = copy.deepcopy(tiny_model).eval()
     res = task.micro_loss(tiny_model, batch, ref)
     assert res.loss.item() == pytest.approx(math.log(2), abs=1e-6)

@@ -109,10 +109,10 @@ def test_errors_name_the_rank_under_several_ranks(entry_point, monkeypatch, caps
 def test_a_bug_keeps_its_traceback(entry_point, monkeypatch, tmp_path):
     """Anything that is not a user error propagates: Python prints the traceback and exits 1."""
 
-    def broken(cfg):
+    def broken(cfg, rt):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(entry_point, "train", broken)
+    monkeypatch.setattr(entry_point, "build_trainer", broken)
     with pytest.raises(KeyError, match="a bug"):
         entry_point.main(["--data_dir=x", f"--out_dir={tmp_path}"])
 

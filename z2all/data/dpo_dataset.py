@@ -30,10 +30,11 @@ from torch.utils.data import Dataset
 from z2all.data.chat import render_chats
 from z2all.data.dpo_formats import dpo_record_to_parts
 from z2all.data.sft_dataset import as_tokenizer, list_sources, split_indices
-from z2all.data.sft_pretok import IGNORE_INDEX, ids_dtype
 from z2all.data.sft_records import BUILD_MEMO, BuildReport, iter_parsed_chunks
+from z2all.data.sft_shards import ids_dtype
+from z2all.labels import IGNORE_INDEX
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SIDES = ("chosen", "rejected")
 

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from z2all.atomic import atomic_write_json, fsync_dir
+from z2all.tokenizer import Z2allTokenizer
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 BIN_FORMAT = "z2all-pretok-v1"
 MANIFEST_NAME = "pretokenize_manifest.json"  # z2all.data.readers never reads it as corpus
@@ -64,7 +65,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-# pretokenize_sft_data writes <source>.sft.bin (+ .sft.mask/.sft.idx/.sft.json, see z2all.data.sft_pretok);
+# pretokenize_sft_data writes <source>.sft.bin (+ .sft.mask/.sft.idx/.sft.json, see z2all.data.sft_shards);
 # such files may share a folder with pretraining .bin files but are not pretraining data.
 SFT_BIN_SUFFIX = ".sft.bin"
 
@@ -215,7 +216,7 @@ def check_pretokenize_finished(data_dir: str | os.PathLike, metas: dict[Path, di
             if p.is_relative_to(root) and not p.is_file():
                 raise PretokFormatError(f"{m} lists {rel}, which is missing; {_RERUN_PRETOKENIZE}")
         if manifest["bad_files"]:
-            log.warning(
+            logger.warning(
                 "%s: pretokenize skipped %d unreadable source files (--allow_bad_files): %s",
                 m,
                 len(manifest["bad_files"]),
@@ -301,7 +302,10 @@ class _Shard:
 class PretokDatasetWithIndex(torch.utils.data.Dataset):
     """All ``.bin`` files of a folder (recursive, sorted) as one indexable list of samples.
 
-    ``ds[i] -> (x, y)``: int64 tensors of shape ``(max_seq_len,)`` with ``y[t] == x[t+1]`` for t < L-1.
+    ``ds[i] -> (x, y)``: int64 tensors of shape ``(max_seq_len,)`` with ``y[t] == x[t+1]`` for t < L-1,
+    the ``(L+1)``-token window split once. That split is the only shift: the model is given
+    ``input_ids=x, targets=y`` (position t scored on ``y[t]``), so nothing glues the two back together
+    or shifts them again.
     Validation is every ``stride``-th sample (``stride = N // n_valid``) at a seed-chosen slot inside
     each stride, so it spreads over all files and the split is O(1) arithmetic, not a stored list.
     Reading a sample is two positioned reads (``os.pread``): 8 bytes of ``.ibin`` for the start, then
@@ -399,7 +403,7 @@ class PretokDatasetWithIndex(torch.utils.data.Dataset):
         of ``vocab_size`` rows (the model's); torch.embedding would fail on it only when it is drawn."""
         unknown = [s.bin_path.name for s in self._shards if s.max_token_id is None]
         if unknown:
-            log.debug(
+            logger.debug(
                 "%d .bin files record no max_token_id (pretokenized by an older z2all): ids checked per "
                 "sample only: %s",
                 len(unknown),
@@ -487,7 +491,5 @@ def _fingerprint_of(tokenizer) -> str | None:
     if tokenizer is None:
         return None
     if isinstance(tokenizer, (str, os.PathLike)):
-        from z2all.tokenizer import Z2allTokenizer
-
         tokenizer = Z2allTokenizer.from_pretrained(tokenizer)
     return tokenizer.fingerprint()

@@ -64,15 +64,6 @@ class GlobalBatchSampler:
         self.micro_batches_per_epoch = num_samples // micro_batch_size  # M
         self._orders: dict[int, np.ndarray] = {}  # the last two epochs: a step may straddle two
 
-    @property
-    def samples_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_global
-
-    @property
-    def steps_per_epoch(self) -> float:
-        """Optimizer steps per pass over the data (fractional: steps may straddle epochs)."""
-        return self.micro_batches_per_epoch / self.grad_accum_global
-
     def order(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch``: (N,) permutation, a pure function of (seed + epoch, N)."""
         order = self._orders.get(epoch)
@@ -106,7 +97,3 @@ class GlobalBatchSampler:
     def step_indices(self, step: int) -> list[list[int]]:
         """This rank's micro-batches of ``step``, in micro-step order."""
         return [self.indices(step, k) for k in range(self.micro_steps_per_rank)]
-
-    def epoch_of(self, step: int) -> int:
-        """Epoch of the first micro-batch of ``step``."""
-        return (step * self.grad_accum_global) // self.micro_batches_per_epoch

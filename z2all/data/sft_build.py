@@ -1,4 +1,4 @@
-"""Tokenize one SFT source into an :class:`~z2all.data.sft_pretok.SFTShard`, with a drop report.
+"""Tokenize one SFT source into an :class:`~z2all.data.sft_shards.SFTShard`, with a drop report.
 
 Pipeline per record: shared reader (JSON, line numbers) -> :mod:`z2all.data.sft_formats` (messages)
 -> :func:`z2all.data.chat.render_chats` (ids + trainable mask, one ``encode_batch`` per chunk)
@@ -19,8 +19,8 @@ import numpy as np
 
 from z2all.data.chat import render_chats
 from z2all.data.sft_formats import record_to_messages
-from z2all.data.sft_pretok import SFTShard, ids_dtype
 from z2all.data.sft_records import BuildReport, iter_parsed_chunks
+from z2all.data.sft_shards import SFTShard, ids_dtype
 
 
 def truncate_sample(

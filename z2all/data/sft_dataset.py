@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 from z2all.data.readers import list_data_files
 from z2all.data.sft_build import build_shard
 from z2all.data.sft_formats import SFT_TYPES
-from z2all.data.sft_pretok import (
-    IGNORE_INDEX,
+from z2all.data.sft_records import BUILD_MEMO
+from z2all.data.sft_shards import (
     SIDECAR_SUFFIX,
     SFTShard,
     cache_key,
@@ -41,10 +41,10 @@ from z2all.data.sft_pretok import (
     save_shard,
     sft_paths,
 )
-from z2all.data.sft_records import BUILD_MEMO
+from z2all.labels import IGNORE_INDEX
 from z2all.tokenizer import Z2allTokenizer
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLITS = ("train", "valid", "all")
@@ -106,13 +106,13 @@ def load_or_build_shard(
         loaded = load_shard(sft_paths(source, d), key)
         if loaded is not None:
             shard, sidecar = loaded
-            log.info("%s: using pretokenized %s (%d samples)", source, d, len(shard))
+            logger.info("%s: using pretokenized %s (%d samples)", source, d, len(shard))
             return shard, sidecar["report"], "pretokenized"
     memo_key = BUILD_MEMO.make_key("sft", source, key)
     memo = BUILD_MEMO.get(memo_key)
     if memo is not None:
         shard, report = memo
-        log.info("%s: reusing the tokenization done earlier in this process", source)
+        logger.info("%s: reusing the tokenization done earlier in this process", source)
     else:
         shard, report = build_shard(source, tok, max_seq_len, sft_type)
         report.log_summary()

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from z2all.data.chat import ChatFormatError
 from z2all.data.readers import DataFileError, ReadStats, iter_records
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5  # how many bad / dropped records a report names
 T = TypeVar("T")
@@ -97,7 +97,7 @@ class BuildReport:
 
     def log_summary(self) -> None:
         dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
-        log.info(
+        logger.info(
             "%s: %d samples from %d records (%d truncated); dropped %d (%s); %d bad records",
             *(
                 self.source,
@@ -110,11 +110,11 @@ class BuildReport:
             ),
         )
         for line in self.bad_examples:
-            log.warning("bad record %s", line)
+            logger.warning("bad record %s", line)
         if self.n_bad and not self.n_samples and not self.n_dropped:
-            log.warning("%s: every record is bad; is this file in the format you selected?", self.source)
+            logger.warning("%s: every record is bad; is this file in the format you selected?", self.source)
         for line in self.dropped_examples:
-            log.info("dropped %s", line)
+            logger.info("dropped %s", line)
 
 
 def iter_json_records(path: str | os.PathLike, stats: ReadStats) -> Iterator[tuple[str, Any]]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from z2all.atomic import atomic_write_json
+
 # Names of the hot ops whose backend may be forced through ``Z2allConfig.kernels``.
 KERNEL_OPS = ("attention", "rms_norm", "rotary", "swiglu", "cross_entropy")
 
@@ -197,8 +199,6 @@ class Z2allConfig:
         return cfg
 
     def to_json(self, path: str | Path) -> None:
-        from z2all.atomic import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod

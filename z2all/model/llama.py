@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from z2all.model import kernels
+from z2all.labels import IGNORE_INDEX
 from z2all.model.cache import KVCache
 from z2all.model.config import KERNEL_OPS, Z2allConfig
 from z2all.model.generation import generate as _generate
+from z2all.model.hf_io import load_pretrained, save_pretrained
+from z2all.model.kernels import ResolvedKernel, resolve
 from z2all.model.rope import RotaryTables
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class CausalLMOutput:
     loss: torch.Tensor | None
-    """fp32 scalar: mean next-token cross entropy over labels != -100 (None without labels)."""
+    """fp32 scalar: mean cross entropy over the scored positions, those whose target is not
+    ``IGNORE_INDEX`` (None without ``labels`` or ``targets``)."""
     logits: torch.Tensor | None
     """(B, T, vocab) in the model's dtype; None only when ``return_logits=False`` let a fused
     linear-cross-entropy backend skip them."""
@@ -44,7 +47,7 @@ class CausalLMOutput:
 
 
 class Z2allRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, kernel: kernels.ResolvedKernel):
+    def __init__(self, hidden_size: int, eps: float, kernel: ResolvedKernel):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
@@ -55,7 +58,7 @@ class Z2allRMSNorm(nn.Module):
 
 
 class Z2allAttention(nn.Module):
-    def __init__(self, cfg: Z2allConfig, layer_idx: int, kern: dict[str, kernels.ResolvedKernel]):
+    def __init__(self, cfg: Z2allConfig, layer_idx: int, kern: dict[str, ResolvedKernel]):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = cfg.num_attention_heads
@@ -85,7 +88,7 @@ class Z2allAttention(nn.Module):
 
 
 class Z2allMLP(nn.Module):
-    def __init__(self, cfg: Z2allConfig, kern: dict[str, kernels.ResolvedKernel]):
+    def __init__(self, cfg: Z2allConfig, kern: dict[str, ResolvedKernel]):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -97,7 +100,7 @@ class Z2allMLP(nn.Module):
 
 
 class Z2allDecoderLayer(nn.Module):
-    def __init__(self, cfg: Z2allConfig, layer_idx: int, kern: dict[str, kernels.ResolvedKernel]):
+    def __init__(self, cfg: Z2allConfig, layer_idx: int, kern: dict[str, ResolvedKernel]):
         super().__init__()
         self.self_attn = Z2allAttention(cfg, layer_idx, kern)
         self.mlp = Z2allMLP(cfg, kern)
@@ -119,7 +122,7 @@ class Z2allDecoderLayer(nn.Module):
 class Z2allModel(nn.Module):
     """Embedding + decoder layers + final norm (transformers' ``LlamaModel``)."""
 
-    def __init__(self, cfg: Z2allConfig, kern: dict[str, kernels.ResolvedKernel]):
+    def __init__(self, cfg: Z2allConfig, kern: dict[str, ResolvedKernel]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Z2allDecoderLayer(cfg, i, kern) for i in range(cfg.num_hidden_layers))
@@ -144,7 +147,7 @@ class Z2allForCausalLM(nn.Module):
     def __init__(self, config: Z2allConfig):
         super().__init__()
         self.config = config
-        kern = {op: kernels.resolve(op, config.kernels) for op in KERNEL_OPS}
+        kern = {op: resolve(op, config.kernels) for op in KERNEL_OPS}
         self._kernels = kern
         self.model = Z2allModel(config, kern)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -192,14 +195,36 @@ class Z2allForCausalLM(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = True,
+        targets: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """input_ids/labels (B, T); attention_mask (B, past + T), 1 = real token, 0 = padding.
+        """input_ids (B, T); attention_mask (B, past + T), 1 = real token, 0 = padding.
 
         Positions come from ``attention_mask`` when given (cumsum - 1, so left padding does not shift
-        the real tokens), else count up from the cache length. ``labels`` are shifted inside:
-        position t is scored on predicting ``labels[:, t + 1]``; -100 is ignored.
+        the real tokens), else count up from the cache length.
+
+        The loss takes one of two (B, T) tensors, never both (``ValueError``):
+
+        - ``targets``, aligned with the positions: position t is scored on ``targets[:, t]``, no
+          shift. Training's own form: a pretraining window of L + 1 tokens is ``input_ids = w[:-1]``,
+          ``targets = w[1:]``, so every one of the T = L positions is scored.
+        - ``labels``, Hugging Face's form (for interop): shifted inside, position t is scored on
+          ``labels[:, t + 1]`` and the last position on nothing: ``labels=l`` is exactly ``targets=``
+          ``l`` shifted left by one with ``IGNORE_INDEX`` appended.
+
+        ``IGNORE_INDEX`` (-100, ``z2all.labels``) marks a position no loss counts. ``return_logits=False``
+        lets a fused linear-cross-entropy backend skip the (B, T, vocab) logits (then ``logits`` is None).
         """
+        if labels is not None and targets is not None:
+            raise ValueError(
+                "pass labels (Hugging Face, shifted inside) or targets (aligned with positions), not both"
+            )
         B, T = input_ids.shape
+        if labels is not None:
+            # targets[t] = labels[t + 1]; the last position has no target
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+        if targets is not None and tuple(targets.shape) != (B, T):
+            name = "labels" if labels is not None else "targets"
+            raise ValueError(f"{name} must be (batch, new) = ({B}, {T}), got {tuple(targets.shape)}")
         cache = past_key_values
         if use_cache and cache is None:
             cache = KVCache(self.config.num_hidden_layers)
@@ -230,13 +255,11 @@ class Z2allForCausalLM(nn.Module):
         x = self.model.norm(x)
 
         loss = None
-        if labels is None:
+        if targets is None:
             logits = self.lm_head(x)
         else:
-            # targets[t] = labels[t + 1]; the last position has no target (-100)
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
             loss, logits = self._kernels["cross_entropy"](
-                x.reshape(B * T, -1), self.lm_head.weight, targets, return_logits
+                x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), return_logits
             )
             if logits is not None:
                 logits = logits.view(B, T, -1)
@@ -248,8 +271,6 @@ class Z2allForCausalLM(nn.Module):
 
     def save_pretrained(self, save_dir: str | Path) -> None:
         """Write config.json + model.safetensors in the transformers Llama layout (atomic)."""
-        from z2all.model.hf_io import save_pretrained
-
         save_pretrained(self, save_dir)
 
     @classmethod
@@ -257,6 +278,4 @@ class Z2allForCausalLM(nn.Module):
         cls, load_dir: str | Path, strict: bool = True, dtype: torch.dtype | None = None, **config_overrides
     ) -> Z2allForCausalLM:
         """Load a z2all or transformers Llama directory; ``config_overrides`` e.g. ``kernels={...}``."""
-        from z2all.model.hf_io import load_pretrained
-
         return load_pretrained(cls, load_dir, strict=strict, dtype=dtype, **config_overrides)

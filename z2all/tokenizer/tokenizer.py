@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from z2all.tokenizer import special_tokens as st
+import z2all.tokenizer.special_tokens as st
 
 _SP_SPACE = "\u2581"
 

@@ -1,5 +1,16 @@
-"""Build what a run trains from a TrainConfig: tokenizer, model (fresh or ``--init_from``), optimizer,
-datasets and the task. Every failure names the flag or file at fault, before any training starts.
+"""Build, then run: everything a run trains, from a TrainConfig, before the first step.
+
+:func:`build_components` reads the tokenizer, datasets and model (fresh or ``--init_from``);
+:func:`build_trainer` wraps them, in this order, and restores a checkpoint::
+
+    model -> torch.compile (--compile) -> DataParallelModel (buffers, comm hook)
+          -> optimizer over what the wrapper exposes (none with --overlap_optim_step: the per-bucket
+             optimizers inside the hook are the optimizer's one home)
+          -> TrainState (model, optimizer, progress, scaler; RNG and comm hook per rank)
+          -> --resume: the resume rules (z2all.training.resume), then CheckpointManager.load_latest
+          -> config.json (only once the load succeeded), metrics, tracker -> Trainer
+
+Every failure names the flag or file at fault, before any training starts.
 
 Model size: ``--model_config`` is a preset name or a JSON file of Z2allConfig fields; ``vocab_size``
 defaults to the tokenizer's, padded up to a multiple of 64 (tensor-core friendly; the extra rows are
@@ -12,17 +23,61 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from optimizer import build_adamw
+from z2all.data.dpo_dataset import DPODataset
+from z2all.data.pretrain_dataset import PretokDatasetWithIndex
+from z2all.data.sft_dataset import SFTDataset
+from z2all.model import Z2allConfig, Z2allForCausalLM, get_preset, list_presets
+from z2all.tokenizer import Z2allTokenizer
+from z2all.training.checkpoint import CheckpointManager
 from z2all.training.config import ConfigError, TrainConfig
-from z2all.training.loop import Components
+from z2all.training.loop import Trainer, TrainerParts
+from z2all.training.metrics import MetricsWriter
+from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
+from z2all.training.parallelize import DataParallelModel
+from z2all.training.resume import ResumeRules, check_fresh_out_dir, run_facts
+from z2all.training.rng_state import rank_seed, seed_all
+from z2all.training.runtime import Runtime
+from z2all.training.state import ModelState, OptimizerState, RNGState, ScalerState, TrainProgress, TrainState
 from z2all.training.tasks import DPOTask, PretrainTask, SFTTask
+from z2all.training.trackers import build_tracker
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
+
+MakeOptimizer = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+"""``[(name, parameter)] -> optimizer``: the whole model's, or one DDP bucket's (--overlap_optim_step)."""
+
+
+@dataclass
+class Components:
+    """What a run trains: built by :func:`build_components` from the config, or given (tests)."""
+
+    model: nn.Module
+    """The bare model on its device (not wrapped, not compiled); what checkpoints hold."""
+    make_optimizer: MakeOptimizer
+    """Builds the optimizer over the parameters the data-parallel wrapper exposes."""
+    task: Any
+    """A task from tasks.py: ``collate(samples) -> batch``, ``micro_loss(model, batch, ref_model)``."""
+    train_data: Any
+    """Indexable, sized dataset of training samples."""
+    val_data: Any = None
+    """Held-out samples for evaluation, or None."""
+    ref_model: nn.Module | None = None
+    """DPO's frozen reference model."""
+    model_config: Any = None
+    """The Z2allConfig (for FLOPs/MFU and run_info.json), if known."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Extra facts for run_info.json (tokenizer fingerprint and folder, optimizer backend...)."""
+
 
 VOCAB_MULTIPLE = 64
 
@@ -31,31 +86,31 @@ def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_tokenizer(cfg: TrainConfig):
-    """The run's tokenizer; ``--tokenizer_dir`` defaults to ``--init_from``'s (written back into cfg)."""
-    from z2all.tokenizer import Z2allTokenizer
-
-    if not cfg.tokenizer_dir and cfg.init_from:
-        from z2all.training.model_loading import find_tokenizer_dir
-
-        found = find_tokenizer_dir(cfg.init_from)
+def build_tokenizer(cfg: TrainConfig) -> tuple[Z2allTokenizer, str]:
+    """``(tokenizer, its folder)``: ``--tokenizer_dir``, else the one ``--init_from`` names (the
+    folder found is returned as a value; the config stays as parsed)."""
+    tok_dir = cfg.tokenizer_dir
+    if not tok_dir and cfg.init_from:
+        try:
+            found = find_tokenizer_dir(cfg.init_from)
+        except ValueError as e:
+            raise ConfigError(f"--init_from={cfg.init_from}: {e}") from e
         if found is not None:
-            cfg.tokenizer_dir = str(found)
-            log.info("--tokenizer_dir not given: using %s from --init_from", found)
-    if not cfg.tokenizer_dir:
+            tok_dir = str(found)
+            logger.info("--tokenizer_dir not given: using %s from --init_from", found)
+    if not tok_dir:
         raise ConfigError("--tokenizer_dir is required (or an --init_from run that names its tokenizer)")
-    if not Path(cfg.tokenizer_dir).is_dir():
-        raise ConfigError(f"--tokenizer_dir={cfg.tokenizer_dir}: no such folder")
+    if not Path(tok_dir).is_dir():
+        found = "" if cfg.tokenizer_dir else f" (named by --init_from={cfg.init_from})"
+        raise ConfigError(f"--tokenizer_dir={tok_dir}{found}: no such folder")
     try:
-        return Z2allTokenizer.from_pretrained(cfg.tokenizer_dir)
+        return Z2allTokenizer.from_pretrained(tok_dir), tok_dir
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--tokenizer_dir={cfg.tokenizer_dir}: {e}") from e
+        raise ConfigError(f"--tokenizer_dir={tok_dir}: {e}") from e
 
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int):
     """Z2allConfig for a fresh model: preset or JSON file; vocab defaults to the padded tokenizer vocab."""
-    from z2all.model import Z2allConfig, get_preset, list_presets
-
     spec = cfg.model_config
     if spec in list_presets():
         mc = get_preset(spec, vocab_size=padded_vocab(vocab_size))
@@ -93,22 +148,18 @@ def _check_model_fits(mc, vocab_size: int, cfg: TrainConfig, where: str) -> None
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, Any]:
     """(model in fp32 on CPU, its Z2allConfig): fresh from the seeded RNG, or loaded from --init_from."""
-    from z2all.model import Z2allForCausalLM
-
     if cfg.init_from:
-        from z2all.training.model_loading import load_model_from_dir
-
         if cfg.model_config != TrainConfig.model_config:
-            log.info("--init_from given: the model shape comes from %s, not --model_config", cfg.init_from)
+            logger.info("--init_from given: the model shape comes from %s, not --model_config", cfg.init_from)
         model, mc = load_model_from_dir(cfg.init_from)
         _check_model_fits(mc, vocab_size, cfg, f"--init_from={cfg.init_from}")
-        log.info("initialised from %s", cfg.init_from)
+        logger.info("initialised from %s", cfg.init_from)
     else:
         mc = resolve_model_config(cfg, vocab_size)
         _check_model_fits(mc, vocab_size, cfg, f"--model_config={cfg.model_config}")
         model = Z2allForCausalLM(mc)
         if cfg.task_type != "pretrain":
-            log.warning(
+            logger.warning(
                 "--task_type=%s without --init_from trains a randomly initialised model", cfg.task_type
             )
     return model.float().train(), mc
@@ -127,8 +178,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _adamw(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    from optimizer import build_adamw
-
     return build_adamw(
         groups,
         lr=cfg.learning_rate,
@@ -139,14 +188,11 @@ def _adamw(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     )
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return _adamw(cfg, param_groups(model, cfg.weight_decay))
+def optimizer_factory(cfg: TrainConfig) -> MakeOptimizer:
+    """AdamW over the given parameters, with the run's groups and hyper-parameters: for the whole
+    model, or for one DDP bucket with --overlap_optim_step."""
 
-
-def bucket_optimizer_factory(cfg: TrainConfig):
-    """--overlap_optim_step: the optimizer of one DDP bucket, with the same groups and hyper-parameters."""
-
-    def make(named_params):
+    def make(named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         return _adamw(cfg, param_groups_of([p for _, p in named_params], cfg.weight_decay))
 
     return make
@@ -154,11 +200,9 @@ def bucket_optimizer_factory(cfg: TrainConfig):
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     """(train, valid) datasets of the task; the split is deterministic in (seed, valid_ratio) or, for
-    pretrain with ``--valid_samples > 0``, in (seed, valid_samples)."""
-    if not Path(cfg.data_dir).exists():
-        raise ConfigError(f"--data_dir={cfg.data_dir}: no such file or folder")
+    pretrain with ``--valid_samples > 0``, in (seed, valid_samples). ``--data_dir`` exists (checked by
+    build_trainer before the tokenizer is read)."""
     if cfg.task_type == "pretrain":
-        from z2all.data.pretrain_dataset import PretokDatasetWithIndex
 
         def make(split):
             return PretokDatasetWithIndex(
@@ -171,7 +215,6 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
                 seed=cfg.seed,
             )
     elif cfg.task_type == "sft":
-        from z2all.data.sft_dataset import SFTDataset
 
         def make(split):
             return SFTDataset(
@@ -184,7 +227,6 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
                 seed=cfg.seed,
             )
     else:
-        from z2all.data.dpo_dataset import DPODataset
 
         def make(split):
             return DPODataset(
@@ -208,7 +250,7 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
             f"--data_dir={cfg.data_dir}: {len(train)} training samples cannot fill one micro-batch of "
             f"--train_batch_size={cfg.train_batch_size}"
         )
-    log.info(
+    logger.info(
         "data: %d train / %d valid samples from %s", len(train), len(valid) if valid else 0, cfg.data_dir
     )
     return train, valid
@@ -222,27 +264,12 @@ def build_task(cfg: TrainConfig, tokenizer):
     return DPOTask(tokenizer.pad_id, cfg.dpo_beta)
 
 
-def _check_resume_tokenizer(cfg: TrainConfig, fingerprint: str) -> None:
-    info_path = Path(cfg.out_dir) / "run_info.json"
-    if not (cfg.resume and info_path.is_file()):
-        return
-    saved = json.loads(info_path.read_text(encoding="utf-8")).get("tokenizer_fingerprint")
-    if saved and saved != fingerprint:
-        raise ConfigError(
-            f"--resume: tokenizer {cfg.tokenizer_dir} (fingerprint {fingerprint[:12]}) is not the one the "
-            f"run in {cfg.out_dir} was trained with ({saved[:12]}, {info_path})"
-        )
-
-
-def build_components(cfg: TrainConfig, device: torch.device) -> Components:
-    """Everything the loop needs; the caller has seeded every RNG identically on all ranks."""
-    if not Path(cfg.data_dir).exists():
-        raise ConfigError(f"--data_dir={cfg.data_dir}: no such file or folder")
-    tok = build_tokenizer(cfg)
-    fingerprint = tok.fingerprint()
-    _check_resume_tokenizer(cfg, fingerprint)
-    train, valid = build_data(cfg, tok)
-    model, mc = build_model(cfg, tok.vocab_size)
+def build_components(
+    cfg: TrainConfig, device: torch.device, tokenizer: Z2allTokenizer, tok_dir: str
+) -> Components:
+    """Datasets, model and task; the caller has seeded every RNG identically on all ranks."""
+    train, valid = build_data(cfg, tokenizer)
+    model, mc = build_model(cfg, tokenizer.vocab_size)
     if cfg.task_type == "pretrain":  # an id past the embedding would crash torch.embedding mid-run
         try:
             train.check_token_ids(mc.vocab_size)
@@ -254,21 +281,95 @@ def build_components(cfg: TrainConfig, device: torch.device) -> Components:
         ref_model = copy.deepcopy(model).to(device).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    model = model.to(device)
-    opt = build_optimizer(cfg, model)
-    info = {
-        "tokenizer_fingerprint": fingerprint,
-        "tokenizer_dir": cfg.tokenizer_dir,
-        "optimizer_backend": getattr(opt, "z2all_backend", type(opt).__name__),
-    }
+    info = {"tokenizer_fingerprint": tokenizer.fingerprint(), "tokenizer_dir": tok_dir}
     return Components(
-        model=model,
-        optimizer=opt,
-        task=build_task(cfg, tok),
+        model=model.to(device),
+        make_optimizer=optimizer_factory(cfg),
+        task=build_task(cfg, tokenizer),
         train_data=train,
         val_data=valid,
         ref_model=ref_model,
         model_config=mc,
         info=info,
-        make_bucket_optimizer=bucket_optimizer_factory(cfg) if cfg.overlap_optim_step else None,
     )
+
+
+def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None = None) -> Trainer:
+    """Everything the loop runs, in the order of the module docstring; all ranks call (collective)."""
+    check_fresh_out_dir(cfg)
+    tokenizer, tok_dir = None, cfg.tokenizer_dir
+    if components is None:
+        if not Path(cfg.data_dir).exists():  # before the tokenizer: the likelier typo is reported
+            raise ConfigError(f"--data_dir={cfg.data_dir}: no such file or folder")
+        tokenizer, tok_dir = build_tokenizer(cfg)
+    fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
+    if components is not None:
+        fingerprint = components.info.get("tokenizer_fingerprint")
+    rules = ResumeRules(cfg, rt.world, fingerprint, tok_dir)
+    if cfg.resume:
+        rules.check_newest()  # before anything is built: a refused resume costs nothing
+    # The same seed on every rank while building: identical initial weights before any broadcast.
+    seed_all(cfg.seed)
+    if components is None:
+        components = build_components(cfg, rt.device, tokenizer, tok_dir)
+    comp = components
+    # From here on each rank has its own streams (dropout differs across ranks, as in torch DDP).
+    seed_all(rank_seed(cfg.seed, rt.rank))
+
+    run_model = torch.compile(comp.model) if cfg.compile else comp.model
+    dp = DataParallelModel(
+        run_model,
+        cfg,
+        rt.device,
+        make_bucket_optimizer=comp.make_optimizer if cfg.overlap_optim_step else None,
+    )
+    optimizer = None if dp.steps_optimizer else comp.make_optimizer(dp.named_trainable_parameters())
+    # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's exponent range.
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.dtype == "float16")
+    progress = TrainProgress()
+    shared: dict[str, Any] = {"model": ModelState(comp.model)}
+    if optimizer is not None:
+        shared["optim"] = OptimizerState(comp.model, optimizer)
+    shared.update(progress=progress, scaler=ScalerState(scaler))
+    state = TrainState(shared, per_rank={"rng": RNGState(), "comm": dp})
+
+    checkpoints = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints, seed=cfg.seed)
+    if cfg.resume:
+        if checkpoints.load_latest(state, check=rules) is None:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", cfg.out_dir)
+        else:
+            logger.info("resumed from step %d (%d tokens) in %s", progress.step, progress.tokens, cfg.out_dir)
+    dp.start_at(progress.step)
+    metrics = tracker = None
+    if rt.rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        cfg.save(cfg.out_dir)  # only now: a refused or failed resume leaves the run's config as it was
+        metrics = MetricsWriter(cfg.out_dir)
+        metrics.truncate_after(progress.step)
+        run_name = cfg.run_name or os.path.basename(cfg.out_dir.rstrip("/"))
+        tracker = build_tracker(cfg.tracker, cfg.out_dir, run_name, cfg.to_dict())
+    info = dict(comp.info)
+    if optimizer is not None:
+        info.setdefault("optimizer_backend", getattr(optimizer, "z2all_backend", type(optimizer).__name__))
+    parts = TrainerParts(
+        cfg=cfg,
+        rt=rt,
+        model=comp.model,
+        run_model=run_model,
+        dp=dp,
+        optimizer=optimizer,
+        scaler=scaler,
+        task=comp.task,
+        train_data=comp.train_data,
+        val_data=comp.val_data,
+        ref_model=comp.ref_model,
+        progress=progress,
+        state=state,
+        checkpoints=checkpoints,
+        run_facts=run_facts(cfg, rt.world, fingerprint),
+        metrics=metrics,
+        tracker=tracker,
+        model_config=comp.model_config,
+        info=info,
+    )
+    return Trainer(parts)

@@ -15,7 +15,12 @@ import re
 from pathlib import Path
 
 FORMAT_NAME = "z2all-checkpoint"
-FORMAT_VERSION = 1
+# 2: one DCP entry per shared component (model, optim, progress, scaler) and per-rank files of
+#    {component: state} (rng, comm); per-rank sha256 in the manifest; run facts under "run".
+# 1: DCP {"model", "optim"}, per-rank {"rng", "extra": the loop's dict}; still loaded
+#    (z2all.training.checkpoint_v1).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 DCP_DIR = "state"
 TMP_PREFIX = "ckpt_tmp-"
@@ -28,6 +33,20 @@ STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 
 class CorruptCheckpointError(RuntimeError):
     """Checkpoints exist but none of them is complete and readable."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint is intact but does not fit the model (missing/unexpected keys, shapes, or a
+    model config that differs from the one it was saved with)."""
+
+
+class CheckpointVersionError(CheckpointMismatchError):
+    """The checkpoint is in a format version this z2all cannot read (written by a newer one)."""
+
+
+def describe_files(root: Path, names: list[str]) -> dict[str, dict]:
+    """``{name: {"bytes", "sha256"}}`` of the files ``root/name``: a manifest's ``files`` entries."""
+    return {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in names}
 
 
 def sha256_file(path: Path) -> str:
@@ -65,9 +84,17 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
         raise CorruptCheckpointError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{path}: format version {manifest.get('version')}, expected {FORMAT_VERSION}"
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise CheckpointVersionError(
+            f"{path}: checkpoint format version {version!r}; this z2all reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. "
+            + (
+                "It was written by a newer z2all: upgrade z2all to resume it."
+                if newer
+                else "It was not written by a released z2all: start a new run (or --init_from an export)."
+            )
         )
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(
@@ -84,10 +111,16 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, checksums: bool = True) -> st
     """Why ``ckpt_dir`` is not a complete checkpoint, or None if it is (sizes, then sha256)."""
     ckpt_dir = Path(ckpt_dir)
     try:
-        manifest = read_manifest(ckpt_dir)
+        manifest = read_manifest(ckpt_dir)  # CheckpointVersionError propagates: a refusal, not damage
     except CorruptCheckpointError as e:
         return str(e)
-    for rel, info in manifest["files"].items():
+    return verify_files(ckpt_dir, manifest, sorted(manifest["files"]), checksums)
+
+
+def verify_files(ckpt_dir: Path, manifest: dict, names: list[str], checksums: bool = True) -> str | None:
+    """Why one of ``names`` (files of the manifest) is missing, truncated or altered, or None."""
+    for rel in names:
+        info = manifest["files"][rel]
         path = ckpt_dir / rel
         try:
             if not path.is_file():

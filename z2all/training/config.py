@@ -19,24 +19,23 @@ import math
 import os
 import textwrap
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from z2all.atomic import atomic_write_json
+from z2all.cli_args import parse_bool
 
 
 class ConfigError(ValueError):
     """A bad flag, value or config file; the message names the culprit."""
 
 
-# Settings a resumed run may not change: the checkpoint's weights and data position only mean
-# something for the same task, model shape and tokenizer.
-FROZEN_ON_RESUME = ("task_type", "model_config", "tokenizer_dir")
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """Read-only once parsed: facts derived at run time (world size, the tokenizer found through
+    ``--init_from``) travel as values, never written back here (docs/architecture.md)."""
+
     # ---- what to train on -------------------------------------------------------------------------
     task_type: Literal["pretrain", "sft", "dpo"] = "pretrain"
     """pretrain: next-token loss on packed windows; sft: loss on assistant tokens only; dpo: sigmoid DPO."""
@@ -147,16 +146,10 @@ class TrainConfig:
     overlap_optim_step: bool = False
     """z2all DDP: run each bucket's optimizer step as soon as its gradients are reduced."""
 
-    # ---- derived (not flags) ----------------------------------------------------------------------
-    world_size: int = field(default=1, init=False, repr=False, compare=False)
-    """Number of ranks, taken from WORLD_SIZE at validation time (not a flag)."""
-
     def __post_init__(self) -> None:
-        if self.lr_decay_iters == 0:
-            self.lr_decay_iters = self.max_iters
+        if self.lr_decay_iters == 0:  # the one derived field, resolved while parsing (then frozen)
+            object.__setattr__(self, "lr_decay_iters", self.max_iters)
         self._validate()
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.check_world_size(self.world_size)
 
     def _validate(self) -> None:
         # NaN passes every `x < 0` test and inf every `x > 0` one: refuse both for every float flag
@@ -257,18 +250,13 @@ class TrainConfig:
 
     # ---- derived quantities -----------------------------------------------------------------------
     @property
-    def micro_steps_per_rank(self) -> int:
-        """Micro-batches one rank runs per optimizer step (G / W)."""
-        return self.gradient_accumulation_steps // self.world_size
-
-    @property
     def tokens_per_step(self) -> int:
         """Token positions per optimizer step over all ranks (G * B * T)."""
         return self.gradient_accumulation_steps * self.train_batch_size * self.max_seq_len
 
     def to_dict(self) -> dict[str, Any]:
-        """The flag settings (derived fields excluded) as JSON-able data."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """Every setting as JSON-able data (what ``config.json`` holds)."""
+        return dataclasses.asdict(self)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write the resolved config to ``<out_dir>/config.json`` atomically."""
@@ -310,13 +298,10 @@ def _convert(name: str, raw: Any, where: str) -> Any:
             raise ConfigError(f"{where}: --{name}={raw!r} is not one of {'|'.join(choices)}")
         return raw
     if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: --{name}={raw!r} is not a boolean (true/false)")
+        try:
+            return parse_bool(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: --{name}={raw!r} is not a boolean (true/false)") from None
     if hint is int:
         if isinstance(raw, bool):
             raise ConfigError(f"{where}: --{name}={raw!r} is not an integer")
@@ -414,13 +399,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
             return TrainConfig(**values)
         except ConfigError as e:
             raise ConfigError(f"{e} (--resume found no saved config {saved_path} to take it from)") from None
+    # What may not change on resume is checked by z2all.training.resume, with the other resume rules.
     saved = _read_json_config(saved_path, "saved config")
-    for name in FROZEN_ON_RESUME:
-        if name in values and values[name] != saved.get(name):
-            raise ConfigError(
-                f"--{name}={values[name]!r} differs from the resumed run's {saved.get(name)!r} "
-                f"({saved_path}); it cannot change on resume"
-            )
     return TrainConfig(**{**saved, **values})
 
 

@@ -33,6 +33,6 @@ class CosineSchedule:
 
 
 def set_lr(optimizer, lr: float) -> None:
-    """Apply ``lr`` to every param group (groups may carry an ``lr_scale``, default 1)."""
+    """Apply ``lr`` to every param group."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr

@@ -17,7 +17,7 @@ from typing import Any
 
 from z2all.atomic import atomic_write_text
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -38,7 +38,7 @@ class MetricsWriter:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                log.warning("%s line %d is not valid JSON (torn write?); dropping it", self.path, lineno)
+                logger.warning("%s line %d is not valid JSON (torn write?); dropping it", self.path, lineno)
                 dropped += 1
                 continue
             if rec.get("step", 0) > step:
@@ -47,7 +47,7 @@ class MetricsWriter:
                 kept.append(line)
         if dropped:
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-            log.info(
+            logger.info(
                 "metrics.jsonl: dropped %d line(s) after step %d (written after the last checkpoint)",
                 dropped,
                 step,

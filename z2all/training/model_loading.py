@@ -1,8 +1,8 @@
 """Model-only loading for the tools (sample, export_hf) and ``--init_from``.
 
 Process-local (no collectives): any subset of ranks may call these. Checkpoints are read through the
-same verification and safe loader as :class:`z2all.training.checkpoint.CheckpointManager`; a corrupt
-newest checkpoint falls back to the previous one with a warning.
+same verification and safe reader (:mod:`z2all.training.checkpoint_io`) as the checkpoint manager, which
+this module does not import; a corrupt newest checkpoint falls back to the previous one with a warning.
 """
 
 from __future__ import annotations
@@ -18,44 +18,50 @@ from typing import Any
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException  # a BaseException: DCP's read failures
 
+from z2all.model import Z2allConfig, Z2allForCausalLM
 from z2all.training.checkpoint_format import (
     MANIFEST,
+    CheckpointMismatchError,
     CorruptCheckpointError,
     list_checkpoints,
     read_manifest,
     verify_checkpoint,
 )
+from z2all.training.checkpoint_io import load_model_weights
 from z2all.training.checkpoint_safety import UnsafeCheckpointError
 
 __all__ = ["find_tokenizer_dir", "load_model_from_dir", "run_model_tool"]
 
 logger = logging.getLogger(__name__)
 
-
-def _run_model_config(run_dir: Path) -> dict | None:
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        return None
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    return cfg.get("model") if isinstance(cfg.get("model"), dict) else None
+# A run started --init_from another run that names its tokenizer the same way, and so on: followed this
+# deep at most (a folder naming itself would otherwise loop).
+_MAX_INIT_CHAIN = 16
 
 
 def find_tokenizer_dir(path: str | os.PathLike) -> Path | None:
-    """The tokenizer of a run folder (``tokenizer_dir`` in its config.json) or of a Hugging Face
-    folder that carries its own tokenizer files; None when there is none."""
+    """The tokenizer of a run folder (``tokenizer_dir`` in its config.json, else that of the run or
+    folder it was ``--init_from``), or of a Hugging Face folder that carries its own tokenizer files;
+    None when there is none."""
     path = Path(path)
-    if (path / MANIFEST).is_file():  # one checkpoint folder: the run is its parent
-        path = path.parent
-    cfg_path = path / "config.json"
-    if cfg_path.is_file():
-        try:
-            tok_dir = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_dir")
-        except (ValueError, AttributeError) as e:
-            raise ValueError(f"{cfg_path}: not a JSON object ({e})") from e
-        if tok_dir:
-            return Path(tok_dir)
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
-        return path
+    for _ in range(_MAX_INIT_CHAIN):
+        if (path / MANIFEST).is_file():  # one checkpoint folder: the run is its parent
+            path = path.parent
+        cfg_path = path / "config.json"
+        init_from = ""
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                tok_dir, init_from = cfg.get("tokenizer_dir"), cfg.get("init_from") or ""
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{cfg_path}: not a JSON object ({e})") from e
+            if tok_dir:
+                return Path(tok_dir)
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+            return path
+        if not init_from:
+            return None
+        path = Path(init_from)  # the run's tokenizer came from there (TrainConfig is never rewritten)
     return None
 
 
@@ -71,9 +77,6 @@ def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 
     Process-local (no collectives): any subset of ranks may call it.
     """
-    from z2all.model import Z2allConfig, Z2allForCausalLM  # ground floor; imported on use
-    from z2all.training.checkpoint import CheckpointMismatchError, _load_dcp
-
     path = Path(path)
     if (path / MANIFEST).is_file():
         candidates = [(0, path)]
@@ -94,18 +97,13 @@ def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             problems.append(why)
             logger.warning("skipping checkpoint %s: %s", ckpt, why)
             continue
-        cfg_dict, source = read_manifest(ckpt).get("model_config"), ckpt / MANIFEST
+        cfg_dict = read_manifest(ckpt).get("model_config")
         if cfg_dict is None:
-            cfg_dict, source = _run_model_config(ckpt.parent), ckpt.parent / "config.json"
-        if cfg_dict is None:
-            raise FileNotFoundError(
-                f"{ckpt}: no model config in {MANIFEST} nor under key 'model' of "
-                f"{ckpt.parent / 'config.json'}"
-            )
-        config = Z2allConfig.from_dict(cfg_dict, source=str(source))
+            raise FileNotFoundError(f"{ckpt}: no model_config in {MANIFEST}: not a z2all model checkpoint")
+        config = Z2allConfig.from_dict(cfg_dict, source=str(ckpt / MANIFEST))
         model = Z2allForCausalLM(config)
         try:
-            _load_dcp(ckpt, model, None, no_dist=True)
+            load_model_weights(ckpt, model)
         except (UnsafeCheckpointError, CheckpointMismatchError):
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - corrupt: fall back to the previous one
@@ -120,8 +118,6 @@ def load_model_from_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 def run_model_tool(main: Callable[[], object], prog: str) -> None:
     """Run a tool's ``main()`` (sample, export_hf); a missing, malformed or unloadable model exits the
     process with ``<prog>: error: <why>`` instead of a traceback."""
-    from z2all.training.checkpoint import CheckpointMismatchError  # checkpoint imports this module
-
     try:
         main()
     except (

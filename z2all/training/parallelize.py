@@ -14,16 +14,21 @@ Per optimizer step the loop does::
     for each micro-step but the last:  with dp.no_sync(): loss.backward()   # no communication
     last micro-step:                   loss.backward(); dp.finish_grad_sync()
     # invariant here: every param.grad holds the gradient averaged over all ranks
-    optimizer.step(); dp.zero_grad(optimizer)
+    optimizer.step(); dp.zero_grad()
 
 ``comm_bytes`` counts the payload of gradient collectives (the bytes of the tensors all-reduced, per
 rank), not the wire traffic of the ring algorithm (about 2(W-1)/W times that).
 
-Comm-hook state on resume (checked here, before the first step): PowerSGD's error feedback and P/Q
-memories are per rank and per bucket, so they are restored only when the world size and the bucket
-layout (``--bucket_size``) match the checkpoint's; otherwise they restart with a warning naming what
-changed, while its iteration count continues (no second warm-up). Per-bucket optimizers of
-``--overlap_optim_step`` hold the AdamW moments, which must not restart: a changed layout is refused.
+Construction order (z2all.training.build): model -> this wrapper (buffers, hooks) -> the optimizer
+over :meth:`DataParallelModel.named_trainable_parameters`, or, with ``--overlap_optim_step``, no main
+optimizer at all: the per-bucket optimizers built inside the comm hook are the optimizer's one home.
+
+Its state is a per-rank checkpoint component (``state_dict`` / ``load_state_dict``): PowerSGD's error
+feedback and P/Q memories and the per-bucket optimizers are per rank and per bucket, so they are
+restored only when the world size and the bucket layout (``--bucket_size``) match the checkpoint's;
+otherwise PowerSGD's restart with a warning naming what changed, while its iteration count continues
+(:meth:`DataParallelModel.start_at`: no second warm-up). Per-bucket optimizers hold the AdamW moments,
+which must not restart: z2all.training.resume refuses such a resume before anything is built.
 
 No ``from __future__ import annotations`` here: torch DDP checks a comm hook's return annotation
 at runtime and needs the real ``torch.futures.Future[torch.Tensor]`` object, not a string.
@@ -36,10 +41,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as torch_default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
+from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
+from parallel import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    NonFiniteGradError,
+    param_name,
+)
+from parallel import ddp_comm_hooks as hooks
+from parallel.ddp_comm_hooks.optimizer_overlap_hooks import OptimizerOverlapState, optimizer_overlap_hook
+from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
 from z2all.training.config import ConfigError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class _ByteCounter:
@@ -53,9 +70,11 @@ class _ByteCounter:
 
 def _counting_compress_hook(dtype: torch.dtype):
     """fp16/bf16 compression: cast, all-reduce, cast back (torch's default_hooks), counted."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    inner = default_hooks.fp16_compress_hook if dtype == torch.float16 else default_hooks.bf16_compress_hook
+    inner = (
+        torch_default_hooks.fp16_compress_hook
+        if dtype == torch.float16
+        else torch_default_hooks.bf16_compress_hook
+    )
 
     def hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
         state.bytes += bucket.buffer().numel() * torch.tensor([], dtype=dtype).element_size()
@@ -66,8 +85,7 @@ def _counting_compress_hook(dtype: torch.dtype):
 
 def _counting_powersgd_hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
     """torch's PowerSGD hook; bytes read from its own compression statistics (P, Q and uncompressed)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-
+    psgd = torch_powersgd
     ps = state.inner_state
     buf = bucket.buffer()
     if ps.iter < ps.start_powerSGD_iter:
@@ -87,12 +105,10 @@ class DataParallelModel:
         module: nn.Module,
         cfg,
         device: torch.device,
-        start_step: int = 0,
-        comm_state: dict | None = None,
         make_bucket_optimizer=None,
-        saved_world_size: int | None = None,
     ):
-        """``comm_state``/``saved_world_size``: what a resumed checkpoint holds (module docstring)."""
+        """``make_bucket_optimizer``: with --overlap_optim_step, ``[(name, param)] -> optimizer`` for one
+        bucket (the same factory that builds the main optimizer otherwise)."""
         self.module = module  # the model (maybe torch.compile'd): what the optimizer holds
         self.impl = "none"
         self._check_nan = bool(getattr(cfg, "check_for_nan_in_grad", False))
@@ -102,22 +118,25 @@ class DataParallelModel:
         self._powersgd = None  # z2all PowerSGDState, whose state_dict goes into checkpoints
         self._overlap = None  # z2all OptimizerOverlapState: per-bucket optimizers stepped in the hook
         self._lr = None
+        self._layout: list = []
+        self._restored = False  # whether load_state_dict restored the hook state (else start_at warns)
+        self._not_restored_why = "the checkpoint holds no PowerSGD state"
         self.wrapped: nn.Module = module
+        self.world = 1
+        self._bucket_size = cfg.bucket_size
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             if cfg.comm_hook != "allreduce":
-                log.info("world size 1: --comm_hook=%s has nothing to compress", cfg.comm_hook)
+                logger.info("world size 1: --comm_hook=%s has nothing to compress", cfg.comm_hook)
             return
+        self.world = dist.get_world_size()
         self.impl = cfg.ddp_impl
-        self._bucket_size = cfg.bucket_size
         if cfg.ddp_impl == "torch":
-            self._wrap_torch(cfg, device, start_step)
+            self._wrap_torch(cfg, device)
         else:
-            self._wrap_z2all(cfg, start_step, comm_state or {}, make_bucket_optimizer, saved_world_size)
+            self._wrap_z2all(cfg, make_bucket_optimizer)
 
     # ---- construction -------------------------------------------------------------------------------
-    def _wrap_torch(self, cfg, device: torch.device, start_step: int) -> None:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
+    def _wrap_torch(self, cfg, device: torch.device) -> None:
         device_ids = [device.index] if device.type == "cuda" else None
         bucket_cap_mb = max(1, cfg.bucket_size * 4 // 2**20)
         if cfg.comm_hook == "powersgd" and dist.get_backend() == "gloo":
@@ -130,18 +149,16 @@ class DataParallelModel:
             )
             single = grad_bytes // 2**20 + 1
             if single > bucket_cap_mb:
-                log.info(
+                logger.info(
                     "--ddp_impl=torch --comm_hook=powersgd on gloo: one gradient bucket of %d MiB instead of "
                     "%d MiB (torch's PowerSGD hook is only safe with a single bucket on gloo)",
                     single,
                     bucket_cap_mb,
                 )
                 bucket_cap_mb = single
-        self.wrapped = DDP(self.module, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
+        self.wrapped = TorchDDP(self.module, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
         if cfg.comm_hook == "powersgd":
-            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-
-            ps = psgd.PowerSGDState(
+            ps = torch_powersgd.PowerSGDState(
                 process_group=None,
                 matrix_approximation_rank=cfg.powersgd_rank,
                 start_powerSGD_iter=cfg.powersgd_start_iter,  # >= 2, checked by TrainConfig
@@ -150,9 +167,8 @@ class DataParallelModel:
                 random_seed=cfg.seed,
             )
             # The hook counts its own iterations (one per synced backward = one per optimizer step);
-            # a resumed run continues the plain/compressed phase where it was. Error feedback and warm
-            # start memories are not checkpointed, so a PowerSGD resume is close, not bit-exact.
-            ps.iter = start_step
+            # a resumed run continues the plain/compressed phase where it was (start_at). Error feedback
+            # and warm start memories are not checkpointed, so a PowerSGD resume is close, not bit-exact.
             self._counter = _ByteCounter(None, ps)
             self.wrapped.register_comm_hook(self._counter, _counting_powersgd_hook)
         elif cfg.comm_hook in ("fp16", "bf16"):
@@ -165,12 +181,7 @@ class DataParallelModel:
                 p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad
             )
 
-    def _wrap_z2all(
-        self, cfg, start_step: int, comm_state: dict, make_bucket_optimizer, saved_world_size: int | None
-    ) -> None:
-        from parallel import DistributedDataParallel, DistributedDataParallelConfig
-        from parallel import ddp_comm_hooks as hooks
-
+    def _wrap_z2all(self, cfg, make_bucket_optimizer) -> None:
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
             overlap_grad_reduce=cfg.overlap_grad_reduce,
@@ -180,39 +191,18 @@ class DataParallelModel:
         # Under --compile the DDP reports the model's own names (it drops `_orig_mod.` itself).
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
         self._layout = self.wrapped.bucket_layout()
-        world = dist.get_world_size()
-        changed = _what_changed(comm_state, saved_world_size, world, self._layout, cfg.bucket_size)
         hook, hook_state = None, None  # None: the DDP's built-in averaging all-reduce
         if cfg.comm_hook == "powersgd":
-            from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState, powerSGD_hook
-
             ps_cfg = PowerSGDConfig(
                 matrix_approximation_rank=cfg.powersgd_rank,
                 start_powerSGD_iter=cfg.powersgd_start_iter,
                 random_seed=cfg.seed,
             )
             self._powersgd = PowerSGDState(None, ps_cfg)
-            if comm_state.get("powersgd") is not None and changed is None:
-                # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact resume
-                self._powersgd.load_state_dict(comm_state["powersgd"])
-            elif start_step > 0:
-                self._powersgd.continue_from(start_step)
-                log.warning(
-                    "resuming PowerSGD at step %d without its saved error feedback and P/Q memories (%s): "
-                    "they restart, the warm-up does not, so losses are close to, not identical with, an "
-                    "uninterrupted run",
-                    start_step,
-                    changed or "the checkpoint holds no PowerSGD state",
-                )
             hook, hook_state = powerSGD_hook, self._powersgd
         elif cfg.comm_hook in ("fp16", "bf16"):
             hook = hooks.fp16_compress_hook if cfg.comm_hook == "fp16" else hooks.bf16_compress_hook
         if cfg.overlap_optim_step:
-            from parallel.ddp_comm_hooks.optimizer_overlap_hooks import (
-                OptimizerOverlapState,
-                optimizer_overlap_hook,
-            )
-
             if make_bucket_optimizer is None:
                 raise ValueError("--overlap_optim_step needs a per-bucket optimizer factory")
 
@@ -223,30 +213,64 @@ class DataParallelModel:
                 return opt
 
             self._overlap = OptimizerOverlapState(hook or hooks.allreduce_hook, hook_state, make)
-            if comm_state.get("overlap_optim") is not None:
-                if changed is not None:
-                    raise ConfigError(
-                        "cannot resume --overlap_optim_step: its per-bucket AdamW state was saved for other "
-                        f"buckets ({changed}); resume with the saved --bucket_size and world size"
-                    )
-                self._overlap.load_state_dict(comm_state["overlap_optim"])
             self.wrapped.register_comm_hook(self._overlap, optimizer_overlap_hook)
         elif hook is not None:
             self.wrapped.register_comm_hook(hook_state, hook)
 
-    def comm_state_dict(self) -> dict | None:
-        """This rank's comm-hook state to checkpoint (z2all PowerSGD, overlapped optimizers), or None."""
-        state = {}
-        if self.impl == "z2all":
-            state["bucket_layout"] = self._layout
-            state["bucket_size"] = self._bucket_size
+    # ---- checkpoint component (per rank) -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's comm-hook state (z2all PowerSGD, overlapped optimizers); {} when stateless."""
+        if self._powersgd is None and self._overlap is None:
+            return {}  # nothing stateful: the layout alone is not worth a checkpoint entry
+        state: dict[str, Any] = {
+            "world_size": self.world,
+            "bucket_layout": self._layout,
+            "bucket_size": self._bucket_size,
+        }
         if self._powersgd is not None:
             state["powersgd"] = self._powersgd.state_dict()
         if self._overlap is not None:
             state["overlap_optim"] = self._overlap.state_dict()
-        if self._powersgd is None and self._overlap is None:
-            return None  # nothing stateful: the layout alone is not worth a checkpoint entry
         return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what fits this run's world size and buckets (module docstring); {} restores nothing."""
+        if not state:
+            return
+        changed = _what_changed(state, self.world, self._layout, self._bucket_size)
+        if self._overlap is not None and state.get("overlap_optim") is not None:
+            if changed is not None:  # z2all.training.resume refuses this first; never restart the moments
+                raise ConfigError(
+                    "cannot resume --overlap_optim_step: its per-bucket AdamW state was saved for other "
+                    f"buckets ({changed}); resume with the saved --bucket_size and world size"
+                )
+            self._overlap.load_state_dict(state["overlap_optim"])
+        if self._powersgd is not None and state.get("powersgd") is not None:
+            if changed is None:
+                # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact resume
+                self._powersgd.load_state_dict(state["powersgd"])
+                self._restored = True
+            else:
+                self._not_restored_why = changed
+
+    def start_at(self, step: int) -> None:
+        """The run continues after ``step`` completed steps: hook state that was not restored continues
+        its iteration count (PowerSGD's warm-up is not run twice)."""
+        if self._counter is not None and self._counter.inner_state is not None:
+            self._counter.inner_state.iter = step  # torch's PowerSGD counts synced backwards
+        if self._powersgd is not None and not self._restored and step > 0:
+            self._powersgd.continue_from(step)
+            logger.warning(
+                "resuming PowerSGD at step %d without its saved error feedback and P/Q memories (%s): "
+                "they restart, the warm-up does not, so losses are close to, not identical with, an "
+                "uninterrupted run",
+                step,
+                self._not_restored_why,
+            )
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(model's own name, parameter)`` of what the optimizer steps, in registration order."""
+        return [(param_name(n), p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     @property
     def steps_optimizer(self) -> bool:
@@ -294,24 +318,25 @@ class DataParallelModel:
         # torch DDP finishes its all-reduces inside backward() (autograd waits on the hook futures).
         elif self._check_nan and not allow_nonfinite:
             bad = [
-                _model_name(n)
+                param_name(n)
                 for n, p in self.module.named_parameters()
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())
             ]
             if bad:
-                from parallel import NonFiniteGradError
-
                 rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
                 raise NonFiniteGradError(
                     f"non-finite (NaN/Inf) gradient on rank {rank} after the gradient sync "
                     f"(--check_for_nan_in_grad), in parameter(s): {', '.join(bad)}"
                 )
 
-    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+    def zero_grad(self) -> None:
+        """Drop every gradient before the next step (``param.grad = None``, as
+        ``optimizer.zero_grad(set_to_none=True)``; z2all DDP also resets its grad buffer)."""
         if self.impl == "z2all":
-            self.wrapped.zero_grad_buffer()  # zeroes the grad buffer and drops every param.grad
+            self.wrapped.zero_grad_buffer()
         else:
-            optimizer.zero_grad(set_to_none=True)
+            for p in self.module.parameters():
+                p.grad = None
 
     def pop_comm_bytes(self) -> int:
         """Bytes this rank handed to gradient collectives since the last call."""
@@ -328,41 +353,17 @@ class DataParallelModel:
         return 0
 
 
-def _what_changed(
-    comm_state: dict, saved_world: int | None, world: int, layout: list, bucket_size: int
-) -> str | None:
+def _what_changed(state: dict, world: int, layout: list, bucket_size: int) -> str | None:
     """Why a checkpoint's per-bucket hook state does not fit this run, or None when it does."""
-    if not comm_state:
-        return None
+    saved_world = state.get("world_size")
     if saved_world is not None and saved_world != world:
         return f"saved on world size {saved_world}, this run has {world}"
-    saved = comm_state.get("bucket_layout")
+    saved = state.get("bucket_layout")
     if saved is None:  # a checkpoint of a z2all before the layout was recorded: it cannot be checked
         return "saved without its bucket layout (an older z2all)"
     if saved != layout:  # plain lists on both sides (DistributedDataParallel.bucket_layout, weights_only)
         return (
-            f"--bucket_size={comm_state.get('bucket_size')} when saved, --bucket_size={bucket_size} now "
+            f"--bucket_size={state.get('bucket_size')} when saved, --bucket_size={bucket_size} now "
             f"({len(saved)} vs {len(layout)} buckets)"
         )
     return None
-
-
-def _model_name(name: str) -> str:
-    """A parameter name without torch.compile's ``_orig_mod.`` prefixes (the model's own name)."""
-    while name.startswith("_orig_mod."):
-        name = name[len("_orig_mod.") :]
-    return name.replace("._orig_mod.", ".")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers: saved names carry neither
-    ``module.`` nor ``_orig_mod.``."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif (
-            isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module)
-        ):
-            model = model.module
-        else:
-            return model

@@ -1,13 +1,14 @@
 """The three training objectives: pretrain, SFT and DPO, as losses over one micro-batch.
 
-A micro-batch is a dict of tensors built by the task's ``collate``. Pretrain and SFT take the
-model's own loss, ``model(input_ids, labels=labels, return_logits=False).loss``: labels are aligned
-with ``input_ids`` (Hugging Face convention, shifted inside the model, -100 = no loss), and without
-logits the model may use a fused linear-cross-entropy kernel that never materialises the
-(B, T, vocab) logits. A pretraining window ``(x, y)`` (``y[t]`` follows ``x[t]``) becomes
-``input_ids = x + [y[-1]]``, ``labels = [-100] + y``: position t is scored on ``y[t]`` for all L
-positions, at the price of one extra input token. DPO needs per-sequence log-probs, so it reads the
-logits and scores ``targets`` aligned with them (``shift_labels``).
+A micro-batch is a dict of tensors built by the task's ``collate``: ``input_ids`` and ``targets``,
+both (B, T), ``targets[:, t]`` the token position t is scored on (``IGNORE_INDEX`` = no loss). Pretrain
+and SFT take the model's own loss, ``model(input_ids, targets=targets, return_logits=False).loss``;
+without logits the model may use a fused linear-cross-entropy kernel that never materialises the
+(B, T, vocab) logits. A pretraining window ``(x, y)`` of the dataset (``y[t]`` follows ``x[t]``, L
+tokens each) is fed as it is: exactly ``--max_seq_len`` positions, every one scored. SFT and DPO
+samples carry Hugging Face ``labels`` aligned with ``input_ids``; their collate shifts them once
+(``input_ids[:, :-1]`` against ``labels[:, 1:]``), so no position is computed without a target. DPO
+needs per-sequence log-probs, so it reads the logits and scores the same ``targets``.
 
 Normalisation rule (so that 1 rank == N ranks): a micro-batch's loss is the *mean over its own
 trainable tokens* (pretrain/SFT) or over its pairs (DPO). The step loss is the mean of the G global
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from z2all.data.dpo_dataset import dpo_collate
+from z2all.data.sft_dataset import sft_collate
+from z2all.labels import IGNORE_INDEX
 
 # The metric names TRL's DPOTrainer logs, so curves are comparable with TRL runs.
 DPO_METRICS = (
@@ -46,11 +49,10 @@ class MicroResult:
     """Token positions this micro-batch pushed through the model (for tokens and tokens/s)."""
 
 
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels aligned with input_ids -> (B, T) targets aligned with logits (last is ignored)."""
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
+def inputs_and_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, T) ids and Hugging Face labels -> (B, T-1) ``input_ids`` and ``targets``: the last token
+    is only ever a target, so it is not fed (``targets[:, t] = labels[:, t + 1]``)."""
+    return {"input_ids": input_ids[:, :-1], "targets": labels[:, 1:]}
 
 
 def token_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -106,21 +108,18 @@ class PretrainTask:
 
     def collate(self, samples: list) -> dict[str, torch.Tensor]:
         x = torch.stack([torch.as_tensor(s[0]) for s in samples]).long()  # (B, L)
-        y = torch.stack([torch.as_tensor(s[1]) for s in samples]).long()  # (B, L)
-        ignore = torch.full_like(y[:, :1], IGNORE_INDEX)
-        # (B, L+1): position t < L is scored on labels[t+1] = y[t]; the extra last token is never scored
-        return {"input_ids": torch.cat([x, y[:, -1:]], 1), "labels": torch.cat([ignore, y], 1)}
+        y = torch.stack([torch.as_tensor(s[1]) for s in samples]).long()  # (B, L): y[:, t] follows x[:, t]
+        return {"input_ids": x, "targets": y}
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
-        out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
-        b, t = batch["labels"].shape
-        return MicroResult(out.loss, {}, b * (t - 1))
+        out = model(batch["input_ids"], targets=batch["targets"], return_logits=False)
+        return MicroResult(out.loss, {}, batch["input_ids"].numel())
 
 
 class SFTTask:
     """Loss only on assistant tokens: samples are ``(input_ids, labels)`` with -100 outside replies.
 
-    ``labels`` are aligned with ``input_ids`` (Hugging Face convention); the model shifts them.
+    ``labels`` are aligned with ``input_ids`` (Hugging Face convention); the collate shifts them once.
     Every SFTDataset sample has at least one trainable token, so no micro-batch mean is empty.
     """
 
@@ -130,14 +129,12 @@ class SFTTask:
         self.pad_id = pad_id
 
     def collate(self, samples: list) -> dict[str, torch.Tensor]:
-        from z2all.data.sft_dataset import sft_collate
-
         # Right padding: real tokens never attend to the pads after them, so no mask is needed.
         input_ids, labels, _ = sft_collate(samples, self.pad_id)  # (B, T) each
-        return {"input_ids": input_ids, "labels": labels}
+        return inputs_and_targets(input_ids, labels)  # (B, T-1) each
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
-        out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
+        out = model(batch["input_ids"], targets=batch["targets"], return_logits=False)
         return MicroResult(out.loss, {}, batch["input_ids"].numel())
 
 
@@ -156,13 +153,11 @@ class DPOTask:
         self.beta = beta
 
     def collate(self, samples: list) -> dict[str, torch.Tensor]:
-        from z2all.data.dpo_dataset import dpo_collate
-
         b = dpo_collate(samples, self.pad_id)  # chosen and rejected padded to one T
         # rows 0..B-1 are chosen, B..2B-1 rejected
         input_ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])  # (2B, T)
         labels = torch.cat([b["chosen_labels"], b["rejected_labels"]])  # (2B, T)
-        return {"input_ids": input_ids, "targets": shift_labels(labels)}
+        return inputs_and_targets(input_ids, labels)  # (2B, T-1) each
 
     def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ref_model=None) -> MicroResult:
         if ref_model is None:

@@ -10,7 +10,7 @@ import importlib
 import logging
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class Tracker:

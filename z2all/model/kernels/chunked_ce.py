@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from z2all.labels import IGNORE_INDEX
 from z2all.model.kernels._registry import autocast_dtype
-
-IGNORE_INDEX = -100
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -82,6 +81,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(hidden, weight, targets, chunk: int = 1024) -> torch.Tensor:
-    """Mean CE of ``hidden @ weight.T`` against ``targets`` (-100 ignored); fp32 scalar."""
+    """Mean CE of ``hidden @ weight.T`` against ``targets`` (``IGNORE_INDEX`` ignored); fp32 scalar."""
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, want_grads)

@@ -7,13 +7,14 @@ the logits fall through to the next backend that returns them.
 Signature shared by every backend::
 
     lm_head_loss(hidden, weight, targets, need_logits) -> (loss, logits or None)
-    hidden: (N, hidden)   weight: (vocab, hidden)   targets: (N,) int64, -100 = ignored
-    loss: fp32 scalar, mean over targets != -100      logits: (N, vocab) in hidden's dtype
+    hidden: (N, hidden)   weight: (vocab, hidden)   targets: (N,) int64, IGNORE_INDEX = ignored
+    loss: fp32 scalar, mean over targets != IGNORE_INDEX   logits: (N, vocab) in hidden's dtype
 
-When every target is -100 the loss is 0.0 with zero gradients, in every backend: a micro-batch with
-nothing to learn (an SFT batch of prompts cut by truncation) adds nothing instead of turning the
-step's loss and gradients into NaN. Each backend therefore sums the per-token losses and divides by
-``max(n_valid, 1)`` itself, without a host sync, rather than trusting a library's ``mean``.
+When every target is ``IGNORE_INDEX`` (-100, from ``z2all.labels``) the loss is 0.0 with zero
+gradients, in every backend: a micro-batch with nothing to learn (an SFT batch of prompts cut by
+truncation) adds nothing instead of turning the step's loss and gradients into NaN. Each backend
+therefore sums the per-token losses and divides by ``max(n_valid, 1)`` itself, without a host sync,
+rather than trusting a library's ``mean``.
 
 The fused-linear backends never materialise the (N, vocab) logits (the largest activation of a small
 model); they are used only when the caller does not ask for logits, otherwise the chain falls back.
@@ -27,14 +28,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from z2all.labels import IGNORE_INDEX
 from z2all.model.kernels._registry import Backend, KernelOp, autocast_dtype, cuda_available, try_import
 from z2all.model.kernels.chunked_ce import chunked_linear_cross_entropy
 
-IGNORE_INDEX = -100
-
 
 def _n_valid(targets: torch.Tensor) -> torch.Tensor:
-    """``max(#targets != -100, 1)`` as an fp32 scalar tensor (the mean's divisor; 0/1 = 0 if none)."""
+    """``max(#targets != IGNORE_INDEX, 1)`` as an fp32 scalar tensor (the mean's divisor; 0/1 = 0 if none)."""
     return (targets != IGNORE_INDEX).sum().clamp(min=1).float()
 
 

@@ -1,10 +1,10 @@
 """Pretokenize SFT sources once, so every training run memory-maps them instead of tokenizing.
 
-The library side of ``python -m data_preprocess.pretokenize_sft_data``. Per source file it writes the
-``.sft.bin/.sft.mask/.sft.idx/.sft.json`` set of :mod:`z2all.data.sft_pretok` (atomically, sidecar
-last). Idempotent: a source whose stored set already has the current key (tokenizer fingerprint,
-source size + mtime, max_seq_len, sft_type) is skipped, so rerunning after adding files only
-tokenizes the new ones.
+The library side of ``python -m data_preprocess.pretokenize_sft_data`` (as ``pretok_pretrain.py`` is of
+``pretokenize_pretrain_data``). Per source file it writes the ``.sft.bin/.sft.mask/.sft.idx/.sft.json``
+shard set of :mod:`z2all.data.sft_shards` (atomically, sidecar last). Idempotent: a source whose
+stored set already has the current key (tokenizer fingerprint, source size + mtime, max_seq_len,
+sft_type) is skipped, so rerunning after adding files only tokenizes the new ones.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 from z2all.data.sft_build import build_shard
 from z2all.data.sft_dataset import as_tokenizer, list_sources
 from z2all.data.sft_formats import SFT_TYPES
-from z2all.data.sft_pretok import cache_key, read_sidecar, save_shard, sft_paths
+from z2all.data.sft_shards import cache_key, read_sidecar, save_shard, sft_paths
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +59,7 @@ def pretokenize_sft(cfg: PretokenizeSFTConfig) -> list[dict]:
         key = cache_key(source, tok.fingerprint(), cfg.max_seq_len, cfg.sft_type)
         sidecar = read_sidecar(paths)
         if not cfg.force and sidecar is not None and sidecar.get("key") == key:
-            log.info("%s: up to date (%s)", source, paths["sidecar"])
+            logger.info("%s: up to date (%s)", source, paths["sidecar"])
             summaries.append({"source": str(source), "status": "up_to_date", **_counts(sidecar)})
             continue
         shard, report = build_shard(source, tok, cfg.max_seq_len, cfg.sft_type)
@@ -68,7 +68,7 @@ def pretokenize_sft(cfg: PretokenizeSFTConfig) -> list[dict]:
         summaries.append({"source": str(source), "status": "built", **_counts(read_sidecar(paths))})
     total = sum(s["n_samples"] for s in summaries)
     dropped = sum(s["n_dropped"] for s in summaries)
-    log.info("%d sources, %d samples, %d dropped", len(summaries), total, dropped)
+    logger.info("%d sources, %d samples, %d dropped", len(summaries), total, dropped)
     return summaries
 
 

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from z2all.atomic import atomic_open, atomic_write_json, fsync_dir
+from z2all.labels import IGNORE_INDEX
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Part of the cache key: bump it whenever rendering (chat.py), truncation or this layout changes.
 FORMAT_VERSION = 1
-IGNORE_INDEX = -100
 _SUFFIXES = {"bin": ".sft.bin", "mask": ".sft.mask", "idx": ".sft.idx"}
 SIDECAR_SUFFIX = ".sft.json"
 
@@ -98,7 +98,7 @@ class SFTShard:
         self.__dict__.update(state)
 
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, labels)``, int64 of length T; labels are -100 where the mask is 0."""
+        """``(input_ids, labels)``, int64 of length T; labels are ``IGNORE_INDEX`` where the mask is 0."""
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         input_ids = torch.from_numpy(np.asarray(self.ids[lo:hi], dtype=np.int64))  # (T,)
         keep = torch.from_numpy(np.asarray(self.mask[lo:hi], dtype=np.bool_))  # (T,)
@@ -146,7 +146,7 @@ def read_sidecar(paths: dict[str, Path]) -> dict | None:
         for kind in _SUFFIXES:
             actual = paths[kind].stat().st_size if paths[kind].is_file() else None
             if actual != sizes[kind]:
-                log.warning(
+                logger.warning(
                     "%s: %s is %s bytes, sidecar says %s; ignoring",
                     paths["sidecar"],
                     kind,
@@ -155,7 +155,7 @@ def read_sidecar(paths: dict[str, Path]) -> dict | None:
                 )
                 return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("%s: unreadable sidecar (%s); ignoring", paths["sidecar"], e)
+        logger.warning("%s: unreadable sidecar (%s); ignoring", paths["sidecar"], e)
         return None
     return sidecar
 
@@ -174,7 +174,7 @@ def load_shard(paths: dict[str, Path], key: dict) -> tuple[SFTShard, dict] | Non
         return None
     if sidecar.get("key") != key:
         diff = sorted(k for k in key if sidecar.get("key", {}).get(k) != key[k])
-        log.info("%s: stale (differs in %s); not used", paths["sidecar"], ", ".join(diff))
+        logger.info("%s: stale (differs in %s); not used", paths["sidecar"], ", ".join(diff))
         return None
     mapped_from = {kind: str(paths[kind]) for kind in _SUFFIXES} | {"ids_dtype": sidecar["ids_dtype"]}
     return SFTShard(**_mapped_arrays(mapped_from)), sidecar

@@ -1,21 +1,22 @@
-"""Pretokenized SFT data: the CLI's files, pretokenized == on-the-fly items, idempotence, staleness,
-the cache_dir path, and refusal of incomplete sets."""
+"""pretokenize_sft_data (``data_preprocess.pretok_sft``): the files it writes, pretokenized items equal
+to on-the-fly items, idempotence and rebuilds, flag errors and the flag list."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest
-import torch
 
+from data_preprocess.pretok_sft import PretokenizeSFTConfig
 from data_preprocess.pretokenize_sft_data import main as cli_main
+from tests.data.conftest import assert_same_sft_items, write_small_sft_source
 from z2all.data.sft_dataset import SFTDataset
-from z2all.data.sft_pretok import ids_dtype, sft_paths
+from z2all.data.sft_shards import ids_dtype, sft_paths
 
 
 def pretokenize_main(argv: list[str]) -> list[dict]:
@@ -24,14 +25,6 @@ def pretokenize_main(argv: list[str]) -> list[dict]:
     with contextlib.redirect_stdout(out):
         assert cli_main(argv) == 0
     return [json.loads(line) for line in out.getvalue().splitlines()]
-
-
-def assert_same_items(a: SFTDataset, b: SFTDataset) -> None:
-    assert len(a) == len(b)
-    for i in range(len(a)):
-        (x1, y1), (x2, y2) = a[i], b[i]
-        assert torch.equal(x1, x2) and torch.equal(y1, y2), i
-        assert x1.dtype == x2.dtype == torch.long
 
 
 def flags(data, tok_dir, save_dir, max_seq_len=96, *extra):
@@ -57,7 +50,7 @@ def test_pretokenized_items_equal_on_the_fly_items(
         assert fly.origins == ["tokenized"] and pre.origins == ["pretokenized"]
         assert isinstance(pre.shards[0].ids, np.memmap)  # O(item) memory per read
         assert pre.reports == fly.reports
-        assert_same_items(fly, pre)
+        assert_same_sft_items(fly, pre)
 
 
 def test_sidecar_and_files(tiny_tokenizer, tiny_tokenizer_dir, text_corpus, tmp_path):
@@ -94,19 +87,8 @@ def test_sidecar_and_files(tiny_tokenizer, tiny_tokenizer_dir, text_corpus, tmp_
     assert ids_dtype(65536) == np.uint16 and ids_dtype(65537) == np.uint32
 
 
-def small_source(tmp_path, n=12):
-    records = [
-        [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"answer {i}"}]
-        for i in range(n)
-    ]
-    path = tmp_path / "data" / "small.jsonl"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 def test_idempotent_and_rebuilt_when_the_source_changes(tiny_tokenizer_dir, tmp_path):
-    source = small_source(tmp_path)
+    source = write_small_sft_source(tmp_path)
     # Default save_dir: beside the source, where SFTDataset finds it without cache_dir.
     assert [s["status"] for s in pretokenize_main(flags(source.parent, tiny_tokenizer_dir, None, 64))] == [
         "built"
@@ -138,45 +120,9 @@ def test_idempotent_and_rebuilt_when_the_source_changes(tiny_tokenizer_dir, tmp_
     ] == ["built"]
 
 
-def test_cache_dir_is_written_then_reused(tiny_tokenizer_dir, tmp_path):
-    source = small_source(tmp_path)
-    cache = tmp_path / "cache"
-    first = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
-    assert first.origins == ["tokenized"] and sft_paths(source, cache)["sidecar"].is_file()
-    second = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
-    assert second.origins == ["pretokenized"]
-    assert_same_items(first, second)
-    # Pickling (DataLoader workers under "spawn") re-maps the files rather than copying the tokens.
-    blob = pickle.dumps(second)
-    assert second.shards[0].__getstate__().keys() == {"mapped_from"}
-    assert second.shards[0].ids.tobytes() not in blob
-    clone = pickle.loads(blob)
-    assert isinstance(clone.shards[0].ids, np.memmap)
-    assert_same_items(second, clone)
-    assert_same_items(first, pickle.loads(pickle.dumps(first)))  # in-memory shards pickle whole
-
-
-def test_incomplete_or_corrupt_sets_are_not_used(tiny_tokenizer_dir, tmp_path, z2all_log):
-    source = small_source(tmp_path)
-    cache = tmp_path / "cache"
-    reference = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
-    paths = sft_paths(source, cache)
-    # A bin file cut short (e.g. a copy interrupted): sizes disagree with the sidecar -> rebuilt.
-    paths["bin"].write_bytes(paths["bin"].read_bytes()[:-2])
-    ds = SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache)
-    assert ds.origins == ["tokenized"] and "sidecar says" in z2all_log.text
-    assert_same_items(reference, ds)
-    assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["pretokenized"]
-    # No sidecar (the commit point) -> the arrays alone are never trusted.
-    paths["sidecar"].unlink()
-    assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["tokenized"]
-    paths["sidecar"].write_text("{not json")
-    assert SFTDataset(source, tiny_tokenizer_dir, 64, cache_dir=cache).origins == ["tokenized"]
-
-
 def test_cli_rejects_bad_flags(tiny_tokenizer_dir, tmp_path, capsys):
     """Each bad flag: status 2 and ``pretokenize_sft_data: error: <message naming the flag>``."""
-    source = small_source(tmp_path)
+    source = write_small_sft_source(tmp_path)
     cases = [
         (flags(source, tiny_tokenizer_dir, tmp_path, 64, "--sft_type=chat"), "--sft_type must be one of"),
         (flags(tmp_path / "nope", tiny_tokenizer_dir, tmp_path, 64), "--data_dir="),
@@ -191,10 +137,6 @@ def test_cli_rejects_bad_flags(tiny_tokenizer_dir, tmp_path, capsys):
 
 def test_cli_flags_snapshot():
     """Renaming a flag breaks users' scripts: make it a conscious change by updating this list."""
-    import dataclasses
-
-    from z2all.data.sft_pretokenize import PretokenizeSFTConfig
-
     assert [f.name for f in dataclasses.fields(PretokenizeSFTConfig)] == [
         "data_dir",
         "tokenizer_dir",
@@ -203,33 +145,3 @@ def test_cli_flags_snapshot():
         "sft_type",
         "force",
     ]
-
-
-def test_crash_between_array_files_never_leaves_the_old_sidecar(tmp_path, monkeypatch):
-    """A rewrite that dies after replacing .sft.bin but before .sft.mask leaves no sidecar at all, even
-    when the new arrays have the old sizes (so a size check alone could not tell the mix apart)."""
-    from z2all.data import sft_pretok
-
-    paths = sft_paths(tmp_path / "chat.jsonl")
-    old = sft_pretok.SFTShard(
-        np.array([5, 6, 7, 8], dtype=np.uint16),
-        np.array([0, 1, 0, 1], np.uint8),
-        np.array([0, 2, 4], np.int64),
-    )
-    sft_pretok.save_shard(old, paths, {"k": 1}, 1000, {})
-    assert sft_pretok.read_sidecar(paths) is not None
-    new = sft_pretok.SFTShard(old.ids + 10, 1 - old.mask, old.offsets.copy())  # same sizes, other content
-    real_open, opened = sft_pretok.atomic_open, []
-
-    def crash_on_mask(path, *args, **kwargs):
-        opened.append(path)
-        if path == paths["mask"]:
-            raise KeyboardInterrupt("simulated crash between files")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(sft_pretok, "atomic_open", crash_on_mask)
-    with pytest.raises(KeyboardInterrupt):
-        sft_pretok.save_shard(new, paths, {"k": 2}, 1000, {})
-    assert opened == [paths["bin"], paths["mask"]]
-    assert np.array_equal(np.fromfile(paths["bin"], np.uint16), new.ids)  # the mix exists on disk ...
-    assert not paths["sidecar"].exists() and sft_pretok.read_sidecar(paths) is None  # ... and is not used

@@ -1,0 +1,332 @@
+"""Every checkpoint component (z2all.training.state, and DataParallelModel's comm state) round-trips
+through a real CheckpointManager save and load into freshly built objects, bit-exactly.
+
+Each test saves one component next to the model, builds new objects (other init, other settings
+where they can differ), loads, and compares with ``torch.equal`` / ``==``: nothing is compared to a
+tolerance. The empty state dict means "as freshly built" (state.py's protocol rule), so the fresh
+optimizer and the disabled loss scaler are checked both ways: nothing written, and loading puts a
+used object back to freshly built.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.dist_utils import run_distributed
+from tests.training.test_checkpoint import make, train_step
+from tests.training.test_loop import make_cfg
+from z2all.training.checkpoint import CheckpointManager, CheckpointMismatchError
+from z2all.training.parallelize import DataParallelModel
+from z2all.training.rng_state import seed_all
+from z2all.training.state import (
+    ModelState,
+    OptimizerState,
+    RNGState,
+    ScalerState,
+    TrainProgress,
+    TrainState,
+)
+
+
+def assert_same(got: Any, want: Any, where: str = "") -> None:
+    """``got`` equals ``want`` exactly: same nesting and keys, tensors ``torch.equal`` with the same
+    dtype, everything else ``==``."""
+    assert type(got) is type(want), (where, type(got), type(want))
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert list(got) == list(want), (where, list(got), list(want))
+        for k in want:
+            assert_same(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, (where, got, want)
+
+
+def manifest_of(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def round_trip(tmp_path: Path, saved: TrainState, fresh: TrainState, step: int = 1) -> dict:
+    """Save ``saved`` as checkpoint ``step``, load it into ``fresh`` with a new manager; the manifest."""
+    CheckpointManager(tmp_path).save(step, saved)
+    manifest = CheckpointManager(tmp_path).load_latest(fresh)
+    assert manifest is not None and manifest["step"] == step
+    return manifest
+
+
+# ---- ModelState --------------------------------------------------------------------------------------
+class Buffered(nn.Module):
+    """Parameters and buffers of three dtypes (BatchNorm's running stats, its int64 batch count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("f16", torch.zeros(3, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4) -> (B, 4)
+        return self.norm(self.lin(x))
+
+
+def test_model_state_round_trip_with_buffers(tmp_path):
+    torch.manual_seed(0)
+    model = Buffered()
+    for _ in range(3):
+        model(torch.randn(8, 4))  # moves the running stats and the batch count
+    with torch.no_grad():
+        model.f16.copy_(torch.tensor([1.5, -2.0, 65504.0]))
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ModelState(model).config_dict() is None  # no config: the manifest records none
+
+    torch.manual_seed(1)
+    model2 = Buffered()
+    manifest = round_trip(tmp_path, TrainState.of(model), TrainState.of(model2))
+    assert manifest["model_config"] is None
+    assert manifest["components"] == {"shared": ["model"], "empty": [], "per_rank": ["rng"]}
+    assert_same(dict(model2.state_dict()), want)
+    assert int(model2.norm.num_batches_tracked) == 3
+
+
+# ---- OptimizerState ----------------------------------------------------------------------------------
+def test_optimizer_state_round_trip(tmp_path):
+    model, opt = make()
+    for _ in range(3):
+        train_step(model, opt)
+    for group in opt.param_groups:
+        group["lr"] = 3e-3  # as an LR schedule leaves it: the groups are state too
+    want = opt.state_dict()
+
+    model2, opt2 = make(seed=5)  # lr 1e-2, no state
+    round_trip(tmp_path, TrainState.of(model, opt), TrainState.of(model2, opt2))
+    got = opt2.state_dict()
+    assert_same(got["state"], want["state"])
+    assert [g["lr"] for g in got["param_groups"]] == [3e-3]
+    assert_same(got["param_groups"], want["param_groups"])
+    assert int(opt2.state[model2.head.weight]["step"]) == 3
+
+
+def test_fresh_optimizer_is_saved_empty_and_loads_back_fresh(tmp_path):
+    """A never-stepped optimizer has state dict {} and is not written; saving it creates no state (a
+    zero-lr step would count as AdamW step 1). Loading the empty state clears a used optimizer."""
+    model, opt = make()
+    assert OptimizerState(model, opt).state_dict() == {} and not opt.state
+    model2, opt2 = make(seed=5)
+    train_step(model2, opt2)  # this one has state
+    manifest = round_trip(tmp_path, TrainState.of(model, opt), TrainState.of(model2, opt2), step=0)
+    assert manifest["components"]["empty"] == ["optim"] and "optim" not in manifest["components"]["shared"]
+    assert not opt.state and not opt2.state
+    for m, o in ((model, opt), (model2, opt2)):  # the same weights now: the same first step
+        seed_all(1)
+        train_step(m, o)
+    assert int(opt.state[model.head.weight]["step"]) == 1 == int(opt2.state[model2.head.weight]["step"])
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert_same(opt2.state[p2], opt.state[p])
+
+
+def test_a_shared_component_the_checkpoint_lacks_is_refused(tmp_path):
+    """Resuming state the checkpoint never held is a mismatch, not a silent fresh start."""
+    model, opt = make()
+    CheckpointManager(tmp_path).save(1, TrainState.of(model))
+    with pytest.raises(CheckpointMismatchError, match="saved without optim state"):
+        CheckpointManager(tmp_path).load_latest(TrainState.of(*make(seed=1)))
+
+
+# ---- ScalerState -------------------------------------------------------------------------------------
+def _scaled_steps(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, n: int):
+    """``n`` loss-scaled steps on CPU; the second gradient is Inf once (the scaler backs off)."""
+    for i in range(n):
+        x = torch.randint(0, 32, (4, 8))
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        scaler.scale(loss * (float("inf") if i == 1 else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_enabled_scaler_round_trip(tmp_path):
+    model, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_factor=4.0, growth_interval=2)
+    _scaled_steps(model, opt, scaler, 5)  # grows at the 4th, backs off at the 2nd
+    want = scaler.state_dict()
+    assert want["scale"] != 1024.0 and want["_growth_tracker"] > 0  # moved away from its init
+
+    model2, opt2 = make(seed=5)
+    scaler2 = torch.amp.GradScaler("cpu")  # the defaults
+    round_trip(
+        tmp_path,
+        TrainState.of(model, opt, scaler=ScalerState(scaler)),
+        TrainState.of(model2, opt2, scaler=ScalerState(scaler2)),
+    )
+    assert_same(scaler2.state_dict(), want)
+    _scaled_steps(model, opt, scaler, 3)  # the same scale schedule from here on
+    _scaled_steps(model2, opt2, scaler2, 3)
+    assert_same(scaler2.state_dict(), scaler.state_dict())
+
+
+def test_disabled_scaler_is_saved_empty_and_leaves_the_scaler_as_built(tmp_path):
+    """bf16/fp32 runs: nothing written; a scaler enabled on resume (another --dtype) starts as built,
+    and an enabled scaler's state is not forced onto a disabled one."""
+    model, opt = make()
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    assert ScalerState(off).state_dict() == {}
+    on = torch.amp.GradScaler("cpu", init_scale=8.0)
+    manifest = round_trip(
+        tmp_path / "a",
+        TrainState.of(model, scaler=ScalerState(off)),
+        TrainState.of(make(seed=1)[0], scaler=ScalerState(on)),
+    )
+    assert manifest["components"]["empty"] == ["scaler"]
+    assert_same(on.state_dict(), torch.amp.GradScaler("cpu", init_scale=8.0).state_dict())
+
+    used = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _scaled_steps(model, opt, used, 2)
+    off2 = torch.amp.GradScaler("cpu", enabled=False)
+    round_trip(
+        tmp_path / "b",
+        TrainState.of(model, scaler=ScalerState(used)),
+        TrainState.of(make(seed=1)[0], scaler=ScalerState(off2)),
+    )
+    assert not off2.is_enabled() and off2.state_dict() == {}
+
+
+# ---- TrainProgress -----------------------------------------------------------------------------------
+def test_progress_round_trip(tmp_path):
+    """Token counts pass 2**31 in real runs: stored and read back as Python ints, not truncated."""
+    model, _ = make()
+    progress = TrainProgress()
+    round_trip(
+        tmp_path,
+        TrainState.of(model, progress=TrainProgress(step=7, tokens=2**40 + 3)),
+        TrainState.of(make(seed=1)[0], progress=progress),
+        step=7,
+    )
+    assert progress == TrainProgress(7, 2**40 + 3)
+    assert type(progress.step) is int and type(progress.tokens) is int
+
+
+# ---- RNGState ----------------------------------------------------------------------------------------
+def _draws() -> tuple:
+    """The next values of every stream a training step draws from."""
+    return random.random(), float(np.random.rand()), torch.rand(4), torch.randint(0, 1000, (3,))
+
+
+def test_rng_state_round_trip(tmp_path):
+    """The draws after a load equal the draws right after the save: the save itself draws nothing
+    from the streams it captured, and every stream continues where it stopped."""
+    model, _ = make()
+    seed_all(3)
+    _draws()  # away from the seeded start
+    CheckpointManager(tmp_path).save(1, TrainState.of(model))  # per_rank: {"rng": RNGState()}
+    want = _draws()
+    seed_all(999)
+    assert CheckpointManager(tmp_path).load_latest(TrainState.of(make(seed=1)[0]))["step"] == 1
+    got = _draws()
+    assert got[:2] == want[:2]
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    assert isinstance(TrainState.of(model).per_rank["rng"], RNGState)
+
+
+# ---- DataParallelModel (per rank, 2 gloo ranks) ------------------------------------------------------
+SMALL = 1_000  # --bucket_size: one bucket per Linear
+
+
+def _dp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 40), nn.Linear(40, 40))
+
+
+def _dp_steps(dp: DataParallelModel, n: int, gen: torch.Generator) -> list[torch.Tensor | None]:
+    """``n`` synced steps (with --overlap_optim_step the hook steps the bucket optimizers); the
+    all-rank gradient each ended with, concatenated (None where the hook left none)."""
+    out = []
+    for _ in range(n):
+        dp(torch.randn(4, 40, generator=gen)).square().sum().backward()
+        dp.finish_grad_sync()
+        grads = [p.grad for p in dp.module.parameters()]
+        out.append(None if any(g is None for g in grads) else torch.cat([g.flatten() for g in grads]))
+        dp.zero_grad()
+    return out
+
+
+def _bucket_adamw(named):
+    return torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1)
+
+
+def _dp_case(rank: int, out: Path, cfg, **kw) -> dict:
+    """3 steps, save, 2 more (the uninterrupted run); the same 2 from a fresh wrapper that loaded the
+    checkpoint, and from one that loaded only the weights and continued its count (``cold``)."""
+
+    def build() -> tuple[DataParallelModel, TrainState]:
+        dp = DataParallelModel(_dp_model(), cfg, torch.device("cpu"), **kw)
+        return dp, TrainState({"model": ModelState(dp.module)}, {"rng": RNGState(), "comm": dp})
+
+    def weights(dp: DataParallelModel) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in dp.module.parameters()]
+
+    dp, state = build()
+    gen = torch.Generator().manual_seed(rank)  # each rank its own data
+    _dp_steps(dp, 3, gen)  # PowerSGD: 2 plain steps, then 1 compressed (its memories exist)
+    res = {"saved": dp.state_dict()}
+    CheckpointManager(out).save(3, state)
+    after = gen.get_state()
+    res.update(want=_dp_steps(dp, 2, gen), want_w=weights(dp))
+
+    dp2, state2 = build()
+    assert CheckpointManager(out).load_latest(state2)["step"] == 3
+    dp2.start_at(3)
+    res["loaded"] = dp2.state_dict()
+    gen.set_state(after)
+    res.update(got=_dp_steps(dp2, 2, gen), got_w=weights(dp2))
+
+    dp3, state3 = build()
+    del state3.per_rank["comm"]  # the weights of step 3, the hook state as built
+    CheckpointManager(out).load_latest(state3)
+    dp3.start_at(3)
+    gen.set_state(after)
+    res.update(cold=_dp_steps(dp3, 2, gen), cold_w=weights(dp3))
+    return res
+
+
+def _dp_rank(rank, world, out_dir):
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    psgd = make_cfg(out, comm_hook="powersgd", powersgd_rank=1, powersgd_start_iter=2, bucket_size=SMALL)
+    overlap = make_cfg(out, bucket_size=SMALL, overlap_optim_step=True, grad_clip=0.0)
+    return {
+        "powersgd": _dp_case(rank, out / "powersgd", psgd),
+        "overlap": _dp_case(rank, out / "overlap", overlap, make_bucket_optimizer=_bucket_adamw),
+    }
+
+
+def test_data_parallel_comm_state_round_trip(tmp_path):
+    """PowerSGD's error feedback and P/Q memories, and the per-bucket AdamW of --overlap_optim_step,
+    come back per rank: state dicts equal, and the next steps equal those of the uninterrupted run
+    (and differ from those of a wrapper that loaded the weights but not its own state: the test can
+    tell)."""
+    for rank, res in enumerate(run_distributed(_dp_rank, 2, str(tmp_path))):
+        psgd = res["powersgd"]
+        assert psgd["saved"]["world_size"] == 2 and psgd["saved"]["powersgd"]["iter"] == 3
+        assert psgd["saved"]["powersgd"]["error_dict"], "no error feedback to check"
+        assert_same(psgd["loaded"], psgd["saved"], f"rank {rank}")
+        assert_same(psgd["got"], psgd["want"], f"rank {rank}")
+        assert not all(torch.equal(c, w) for c, w in zip(psgd["cold"], psgd["want"]))
+
+        ovl = res["overlap"]
+        assert ovl["saved"]["overlap_optim"], "no per-bucket optimizer state to check"
+        assert_same(ovl["loaded"], ovl["saved"], f"rank {rank}")
+        assert_same(ovl["got"], ovl["want"], f"rank {rank}")
+        assert_same(ovl["got_w"], ovl["want_w"], f"rank {rank}")
+        assert not all(torch.equal(c, w) for c, w in zip(ovl["cold_w"], ovl["want_w"]))

@@ -1,0 +1,56 @@
+"""The process's place in the run: rank, world size, device; the process group it may own.
+
+Derived at start-up from torchrun's environment and passed as a value to everything that needs it
+(TrainConfig stays read-only: it never learns the world size).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from z2all.training.config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+
+
+@contextmanager
+def distributed_runtime(cfg: TrainConfig) -> Iterator[Runtime]:
+    """Join torchrun's process group (gloo or NCCL per ``--backend``) unless one exists, pick the
+    device (``cuda:LOCAL_RANK``), check the world size against the config; destroy the group on exit
+    if this context created it."""
+    created = False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.check_world_size(world)  # before joining: every rank refuses alike, nobody waits
+    try:
+        if world > 1 and not dist.is_initialized():
+            backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.device == "cuda" else "gloo")
+            dist.init_process_group(backend)
+            created = True
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        cfg.check_world_size(world)
+        if cfg.device == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("--device=cuda but CUDA is not available on this machine")
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            device = torch.device("cpu")
+        yield Runtime(rank, world, device)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

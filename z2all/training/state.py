@@ -1,0 +1,151 @@
+"""What a checkpoint holds: a dict of components, each owning its ``state_dict`` / ``load_state_dict``.
+
+Every component follows the ``torch.distributed.checkpoint`` ``Stateful`` protocol. The checkpoint
+manager (:mod:`z2all.training.checkpoint`) asks each one for its state and hands it back on resume;
+it knows no component's fields, and no component knows the file layout. :class:`TrainState` sorts
+them in two kinds:
+
+- ``shared``: equal on every rank (model, optimizer, progress, loss scaler). Saved once through DCP
+  under the component's name, replicated entries deduplicated across ranks, so any world size loads
+  them. ZeRO-1's sharded optimizer state plugs in here: DCP writes each rank's shard.
+- ``per_rank``: this rank's own (every RNG stream, the comm-hook state of the data-parallel wrapper).
+  Saved as ``rank_<R>.pt`` with ``torch.save`` and loaded with ``weights_only=True``.
+
+Protocol rule: an EMPTY state dict means "as freshly built" (an optimizer that never stepped, a
+disabled loss scaler). Nothing is written for it, and on resume ``load_state_dict({})`` puts the
+component back to that state. A component may define ``load_template()``: the state dict DCP fills on
+load, when it differs from what ``state_dict()`` returns for a fresh object (the optimizer's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from parallel import unwrap_model
+from z2all.training.checkpoint_io import model_config_dict
+from z2all.training.rng_state import get_rng_state, set_rng_state
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class ModelState:
+    """The bare model's weights under the model's own names (no DDP ``module.`` / compile prefixes)."""
+
+    def __init__(self, model: nn.Module):
+        self.module = unwrap_model(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # strict: the manager has checked keys and shapes against the checkpoint's metadata
+        set_model_state_dict(self.module, state_dict)
+
+    def config_dict(self) -> dict | None:
+        """The model config recorded in the manifest (a resume must build the same model)."""
+        return model_config_dict(self.module)
+
+
+class OptimizerState:
+    """A ``torch.optim.Optimizer`` over the model's parameters, keyed by parameter name."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module = unwrap_model(model)
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        # An optimizer that never stepped has no state, and get_optimizer_state_dict would create it
+        # by a zero-lr step (bumping AdamW's step count in the live run): nothing to save instead.
+        if not self.optimizer.state:
+            return {}
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_template(self) -> dict[str, Any]:
+        # May create the state by that zero-lr step: harmless here, DCP overwrites all of it.
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:  # saved before its first step
+            self.optimizer.state.clear()
+            return
+        set_optimizer_state_dict(self.module, self.optimizer, state_dict)
+
+
+class ScalerState:
+    """The fp16 loss scaler (``torch.amp.GradScaler``); empty when disabled (bf16/fp32 runs)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()  # {} when disabled
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # saved disabled (or resumed with another --dtype): the scaler starts as built
+        if state_dict and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state_dict)
+
+
+@dataclass
+class TrainProgress:
+    """The data position and the token count. The samples of step s are a pure function of
+    (seed, s) (z2all.data.sampler), so the step alone says where the data continues."""
+
+    step: int = 0
+    """Completed optimizer steps."""
+    tokens: int = 0
+    """Token positions processed by all ranks so far."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step, self.tokens = int(state_dict["step"]), int(state_dict["tokens"])
+
+
+class RNGState:
+    """Every RNG stream of this process (Python, NumPy, torch CPU and CUDA): z2all.training.rng_state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_rng_state(state_dict)
+
+
+@dataclass
+class TrainState:
+    """The components a checkpoint saves and restores (see the module docstring)."""
+
+    shared: dict[str, Stateful]
+    """Equal on every rank; saved through DCP under their names."""
+    per_rank: dict[str, Stateful] = field(default_factory=lambda: {"rng": RNGState()})
+    """This rank's own; saved in ``rank_<R>.pt``."""
+
+    @classmethod
+    def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **shared: Stateful):
+        """Model (+ optimizer) + any further shared components, and this rank's RNG streams."""
+        parts: dict[str, Stateful] = {"model": ModelState(model)}
+        if optimizer is not None:
+            parts["optim"] = OptimizerState(model, optimizer)
+        return cls({**parts, **shared})
+
+    @property
+    def model(self) -> ModelState | None:
+        m = self.shared.get("model")
+        return m if isinstance(m, ModelState) else None
