@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 FROZEN_ON_RESUME = ("task_type", "model_config", "tokenizer_dir")
 
 
+def _same_folder(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+
+
 def check_fresh_out_dir(cfg: TrainConfig) -> None:
     """A fresh run in a folder that holds another run's history would interleave two runs' metrics
     and checkpoints; require --resume (continue it) or another --out_dir."""
@@ -86,20 +90,26 @@ class ResumeRules:
         """Frozen settings against the run's saved ``config.json``, and the tokenizer against its
         ``run_info.json`` (runs whose checkpoints predate the fingerprint in the manifest)."""
         out = Path(self.cfg.out_dir)
+        info_path = out / "run_info.json"
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
         saved_path = out / "config.json"
         if saved_path.is_file():
             saved = json.loads(saved_path.read_text(encoding="utf-8"))
             for name in FROZEN_ON_RESUME:
-                now = getattr(self.cfg, name)
-                if name in saved and saved[name] != now:
+                if name not in saved:
+                    continue
+                now, then = getattr(self.cfg, name), saved[name]
+                if name == "tokenizer_dir" and now != then:
+                    # the folders actually used: either run may have found it through --init_from
+                    now, then = self.tokenizer_dir, then or info.get("tokenizer_dir", "")
+                    if _same_folder(now, then):
+                        continue
+                if then != now:
                     raise ConfigError(
-                        f"--{name}={now!r} differs from the resumed run's {saved[name]!r} ({saved_path}); "
+                        f"--{name}={now!r} differs from the resumed run's {then!r} ({saved_path}); "
                         "it cannot change on resume"
                     )
-        info_path = out / "run_info.json"
-        if info_path.is_file():
-            recorded = json.loads(info_path.read_text(encoding="utf-8")).get("tokenizer_fingerprint")
-            self._check_tokenizer(recorded, str(info_path))
+        self._check_tokenizer(info.get("tokenizer_fingerprint"), str(info_path))
 
     def _check_tokenizer(self, recorded: str | None, where: str) -> None:
         fp = self.tokenizer_fingerprint
