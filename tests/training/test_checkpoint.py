@@ -31,6 +31,7 @@ from z2all.training.checkpoint import (
 )
 from z2all.training.checkpoint_format import list_checkpoints
 from z2all.training.checkpoint_safety import SafeFileSystemReader, safe_torch_load
+from z2all.training.config import ConfigError
 from z2all.training.rng_state import seed_all
 from z2all.training.state import ScalerState, TrainProgress, TrainState
 
@@ -468,3 +469,44 @@ def test_save_before_first_step_leaves_optimizer_fresh(tmp_path):
     assert CheckpointManager(tmp_path).load_latest(TrainState.of(model2, opt2))["step"] == 0
     assert not opt2.state
     assert [train_step(model2, opt2) for _ in range(2)] == expected
+
+
+class Refusing(Note):
+    """A per-rank component that refuses the state it was saved with, as DataParallelModel refuses
+    per-bucket optimizer state saved for other buckets (a ConfigError)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            raise ConfigError("cannot resume the note: saved for other buckets")
+
+
+def test_a_component_refusal_is_not_taken_for_damage(tmp_path):
+    """A refusal stops the resume with the component's own message; no older checkpoint is tried and
+    none is set aside as corrupt (damage would fall back)."""
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path)
+    for step in (1, 2):
+        train_step(model, opt)
+        mgr.save(step, with_note(TrainState.of(model, opt), Note({"buckets": step})))
+    with pytest.raises(ConfigError, match="saved for other buckets"):
+        CheckpointManager(tmp_path).load_latest(with_note(fresh(seed=1), Refusing()))
+    assert saved_steps(tmp_path) == [1, 2] and not list(tmp_path.glob("ckpt_corrupt-*"))
+
+
+def test_a_failed_attempt_leaves_nothing_behind_in_the_scaler(tmp_path):
+    """The fallback loads the older checkpoint into the same objects: what the newer, failed attempt
+    restored is replaced, here a loss scaler the older checkpoint saved as disabled ({})."""
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path)
+    train_step(model, opt)
+    mgr.save(1, TrainState.of(model, opt, scaler=ScalerState(torch.amp.GradScaler("cpu", enabled=False))))
+    used = torch.amp.GradScaler("cpu", init_scale=4.0)
+    mgr.save(2, TrainState.of(model, opt, scaler=ScalerState(used)))
+    # a readable rank file whose RNG state is malformed: the attempt fails in the LAST step of the
+    # restore, after the shared components (the scaler among them) were loaded
+    torch.save({"rng": {"version": 99}}, tmp_path / "step_000002" / "rank_00000.pt")
+    rewrite_manifest_entry(tmp_path / "step_000002", "rank_00000.pt")
+    live = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = TrainState.of(*make(seed=1), scaler=ScalerState(live))
+    assert CheckpointManager(tmp_path).load_latest(state)["step"] == 1
+    assert live.get_scale() == 1024.0  # as built, not the 4.0 the failed attempt loaded

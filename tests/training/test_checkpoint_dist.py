@@ -128,3 +128,34 @@ def test_two_ranks_save_resume_and_world_size_change(tmp_path):
     for k, v in model1.state_dict().items():
         assert torch.equal(v, res[0]["params_at_4"][k]) and torch.equal(v, res[1]["params_at_4"][k]), k
     assert len(opt1.state_dict()["state"]) == len(list(model1.parameters()))
+
+
+def _hashed_by_rank(rank: int, world: int, out_dir: str) -> dict:
+    """Which files each rank hashes during a save (recorded around describe_files)."""
+    from z2all.training import checkpoint as ckpt_mod
+
+    seen: list[str] = []
+    real = ckpt_mod.describe_files
+
+    def recording(root, names):
+        seen.extend(names)
+        return real(root, names)
+
+    ckpt_mod.describe_files = recording
+    try:
+        model, opt = make(seed=0)
+        train_step(model, opt)
+        CheckpointManager(out_dir, seed=SEED).save(1, TrainState.of(model, opt))
+    finally:
+        ckpt_mod.describe_files = real
+    return {"hashed": sorted(seen)}
+
+
+def test_each_rank_hashes_what_it_wrote(tmp_path):
+    """Save cost scales: rank r hashes its own rank file and the DCP data file DCP named for it;
+    rank 0 also the metadata. Together they are exactly the files the manifest lists."""
+    res = run_distributed(_hashed_by_rank, 2, str(tmp_path))
+    manifest = json.loads((tmp_path / "step_000001" / "manifest.json").read_text())
+    assert res[1]["hashed"] == ["rank_00001.pt", "state/__1_0.distcp"], res[1]
+    assert res[0]["hashed"] == ["rank_00000.pt", "state/.metadata", "state/__0_0.distcp"], res[0]
+    assert sorted(res[0]["hashed"] + res[1]["hashed"]) == sorted(manifest["files"])

@@ -39,6 +39,7 @@ from z2all.data.sft_dataset import SFTDataset
 from z2all.model import Z2allConfig, Z2allForCausalLM, get_preset, list_presets
 from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint import CheckpointManager
+from z2all.training.collectives import all_reduce_max
 from z2all.training.config import ConfigError, TrainConfig
 from z2all.training.loop import Trainer, TrainerParts
 from z2all.training.metrics import MetricsWriter
@@ -340,14 +341,21 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
         else:
             logger.info("resumed from step %d (%d tokens) in %s", progress.step, progress.tokens, cfg.out_dir)
     dp.start_at(progress.step)
-    metrics = tracker = None
+    metrics, tracker, failure = None, None, None
     if rt.rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        cfg.save(cfg.out_dir)  # only now: a refused or failed resume leaves the run's config as it was
-        metrics = MetricsWriter(cfg.out_dir)
-        metrics.truncate_after(progress.step)
-        run_name = cfg.run_name or os.path.basename(cfg.out_dir.rstrip("/"))
-        tracker = build_tracker(cfg.tracker, cfg.out_dir, run_name, cfg.to_dict())
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            cfg.save(cfg.out_dir)  # only now: a refused or failed resume leaves the run's config as it was
+            metrics = MetricsWriter(cfg.out_dir)
+            metrics.truncate_after(progress.step)
+            run_name = cfg.run_name or os.path.basename(cfg.out_dir.rstrip("/"))
+            tracker = build_tracker(cfg.tracker, cfg.out_dir, run_name, cfg.to_dict())
+        except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+            failure = e
+    if all_reduce_max(int(failure is not None)):  # no rank goes on to step 1 while rank 0 has failed
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"rank {rt.rank}: rank 0 could not set up {cfg.out_dir} (see its error)")
     info = dict(comp.info)
     if optimizer is not None:
         info.setdefault("optimizer_backend", getattr(optimizer, "z2all_backend", type(optimizer).__name__))

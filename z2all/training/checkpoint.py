@@ -34,11 +34,10 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.distributed.checkpoint import CheckpointException
@@ -57,21 +56,18 @@ from z2all.training.checkpoint_format import (
     describe_files,
     files_under,
     list_checkpoints,
-    read_manifest,
-    verify_files,
 )
 from z2all.training.checkpoint_guard import (
     NO_SPACE,
     CheckpointWriteError,
     NonFiniteStateError,
-    config_changes,
     error_code,
     is_no_space,
     nonfinite_names,
 )
-from z2all.training.checkpoint_io import check_fits, load_dcp, read_metadata, save_dcp
-from z2all.training.checkpoint_safety import UnsafeCheckpointError, safe_torch_load
-from z2all.training.checkpoint_v1 import V1View, v1_view
+from z2all.training.checkpoint_io import save_dcp
+from z2all.training.checkpoint_load import REFUSALS, ResumeCheck, agreed, prepare, restore, verified_manifest
+from z2all.training.checkpoint_safety import UnsafeCheckpointError
 from z2all.training.collectives import (
     all_gather_objects,
     all_reduce_max,
@@ -82,7 +78,6 @@ from z2all.training.collectives import (
     rank_world,
     who,
 )
-from z2all.training.rng_state import rank_seed, seed_all
 from z2all.training.state import TrainState
 
 __all__ = [
@@ -97,14 +92,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Load outcomes agreed by all ranks (the maximum wins).
-_CORRUPT, _MISMATCH, _UNSAFE, _VERSION = 1, 2, 3, 4
-ResumeCheck = Callable[[Path, dict], None]
-"""``check(checkpoint folder, run facts)``: raise to refuse resuming from that checkpoint."""
-
 
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
+
+
+_WRITTEN_BY = re.compile(rf"^(?:rank_(\d+)\.pt|{DCP_DIR}/__(\d+)_\d+\.distcp)$")
+
+
+def _writer_of(name: str, world: int) -> int:
+    """The rank that wrote checkpoint file ``name`` (its hasher); 0 for any file no rank's name fits."""
+    m = _WRITTEN_BY.match(name)
+    rank = int(m.group(1) or m.group(2)) if m else 0
+    return rank if rank < world else 0
 
 
 class CheckpointManager:
@@ -217,10 +217,11 @@ class CheckpointManager:
             failure = e
         self._agree(failure, step, tmp, need)  # every rank's files are on disk and fsynced
 
-        # Each rank hashes its share of the files, all at once: a save costs every rank about
-        # 1/W of the checkpoint's bytes read, instead of rank 0 reading all of them alone. Rank 0's
-        # listing is the one every rank shares, so no file can be left out by a node that sees the
-        # shared folder differently (it would fail to open it instead).
+        # Each rank hashes what it wrote, all ranks at once: its rank file and the DCP data files DCP
+        # named for it (``__<rank>_<i>.distcp``); rank 0 also everything else (DCP's ``.metadata``).
+        # A save then costs every rank about 1/W of the checkpoint's bytes, read back from its own
+        # writes, instead of rank 0 reading all of them while the others wait. Rank 0's listing is
+        # the one every rank uses, so no file is left out by a node that sees the folder differently.
         listing: list[str] | None = None
         if rank == 0:
             try:
@@ -230,7 +231,7 @@ class CheckpointManager:
         names = broadcast_object(listing)
         files: dict[str, dict] = {}
         try:
-            files = describe_files(tmp, names[rank::world])
+            files = describe_files(tmp, [n for n in names if _writer_of(n, world) == rank])
         except OSError as e:
             failure = e
         self._agree(failure, step, tmp, need)
@@ -325,54 +326,29 @@ class CheckpointManager:
             if step < 0:
                 break
             path = self.out_dir / f"step_{step:06d}"
-            code, error, manifest, view = 0, None, None, None
-            try:
-                manifest = self._verified_manifest(path, rank, world)
-                if manifest is None:
-                    code, error = _CORRUPT, "failed verification (see the warnings)"
-                elif manifest["version"] == 1:  # the previous format, read through a translation
-                    view = v1_view(path, manifest, rank)
-            except CheckpointVersionError as e:
-                code, error = _VERSION, e
-            except UnsafeCheckpointError as e:
-                code, error = _UNSAFE, e
-            except Exception as e:  # noqa: BLE001 - an unreadable v1 rank file: corrupt
-                code, error = _CORRUPT, e
-            code = all_reduce_max(code)
+            code, error, manifest = agreed(verified_manifest, path, rank, world, self.verify)
             if code == 0:
-                if check is not None:  # the same facts on every rank: every rank refuses together
-                    check(path, view.run if view is not None else manifest.get("run", {}))
-                try:
-                    self._load_one(path, manifest, view, state, rank, world)
-                except UnsafeCheckpointError as e:
-                    code, error = _UNSAFE, e
-                except CheckpointMismatchError as e:
-                    code, error = _MISMATCH, e
-                except (
-                    CheckpointException
-                ) as e:  # DCP's (a BaseException): its str() is every rank's traceback
-                    code, error = (
-                        _CORRUPT,
-                        "; ".join(
-                            f"rank {r}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                            for r, (exc, _) in e.failures.items()
-                        ),
-                    )
-                except Exception as e:  # noqa: BLE001 - any read/decode failure means "corrupt"
-                    code, error = _CORRUPT, e
-                code = all_reduce_max(code)
+                code, error, plan = agreed(prepare, path, manifest, state, rank, check)
+            if code == 0:
+                # the seed a rank without its own file in the checkpoint seeds its RNG streams with
+                seed = self.seed if self.seed is not None else manifest.get("seed")
+                seed = seed if isinstance(seed, int) else (self._seed() or 0)
+                code, error, _ = agreed(restore, path, manifest, plan, state, rank, seed)
             if code == 0:
                 logger.info("resumed from checkpoint %s", path)
+                if world < manifest["world_size"] and rank == 0:
+                    logger.warning(
+                        "%s was saved by %d ranks, resuming on %d", path, manifest["world_size"], world
+                    )
                 self._lineage = [step]
                 if rank == 0:
-                    set_aside(self.out_dir, skipped, step)
+                    try:
+                        set_aside(self.out_dir, skipped, step)
+                    except OSError as e:  # the load succeeded: a folder left in place is only untidy
+                        logger.warning("could not set aside the skipped checkpoints %s: %s", skipped, e)
                 barrier()  # no rank saves (and rotates) before the skipped ones are set aside
                 return manifest
-            refusal = {
-                _VERSION: CheckpointVersionError,
-                _UNSAFE: UnsafeCheckpointError,
-                _MISMATCH: CheckpointMismatchError,
-            }.get(code)
+            refusal = REFUSALS.get(code)
             if refusal is not None:  # a refusal, not damage: never a reason to fall back
                 raise (
                     error
@@ -385,77 +361,3 @@ class CheckpointManager:
         if n_found:
             raise CorruptCheckpointError(f"{self.out_dir}: no loadable checkpoint: " + "; ".join(problems))
         return None
-
-    def _verified_manifest(self, path: Path, rank: int, world: int) -> dict | None:
-        """The manifest of ``path`` if the files this rank checks are intact (every rank checks 1/W
-        of them, in parallel), else None with a warning."""
-        try:
-            manifest = read_manifest(path)
-        except CorruptCheckpointError as e:
-            if rank == 0:
-                logger.warning("skipping checkpoint %s: %s", path, e)
-            return None
-        names = sorted(manifest["files"])
-        why = verify_files(path, manifest, names[rank::world], checksums=self.verify)
-        if why is not None:
-            logger.warning("skipping checkpoint %s: %s", path, why)
-            return None
-        return manifest
-
-    def _load_one(
-        self, path: Path, manifest: dict, view: V1View | None, state: TrainState, rank, world
-    ) -> None:
-        if view is None:
-            comps = manifest.get("components", {})
-            in_dcp, empty, extra_shared = set(comps.get("shared", [])), set(comps.get("empty", [])), {}
-        else:
-            in_dcp, empty, extra_shared = view.in_dcp, view.empty, view.shared
-        model = state.model
-        saved_cfg = manifest.get("model_config")
-        live_cfg = model.config_dict() if model is not None else None
-        changes = config_changes(saved_cfg, live_cfg) if saved_cfg is not None and live_cfg else []
-        meta = read_metadata(path)
-        templates: dict[str, Any] = {}
-        for name, comp in state.shared.items():
-            if name in in_dcp:
-                template = comp.load_template() if hasattr(comp, "load_template") else comp.state_dict()
-                if name == "model":  # strict: names every missing, unexpected or reshaped tensor
-                    check_fits(meta, name, template, path)
-                templates[name] = template
-            elif name not in empty and name not in extra_shared:
-                raise CheckpointMismatchError(f"{path}: saved without {name} state, cannot resume it")
-        if changes:  # same shapes, other model: the weights would load and compute something else
-            raise CheckpointMismatchError(
-                f"{path}: the model config differs from the one this checkpoint was saved with: "
-                f"{'; '.join(changes)}. A resumed run must build the same model (was its --model_config "
-                "file edited?)"
-            )
-        load_dcp(path, templates, no_dist=not dist_on())
-        for name, comp in state.shared.items():
-            if name in templates:
-                comp.load_state_dict(templates[name])
-            else:
-                comp.load_state_dict(extra_shared.get(name, {}))
-        own = path / _rank_file(rank)
-        if own.is_file():
-            payload = view.per_rank if view is not None else safe_torch_load(own)
-            for name, comp in state.per_rank.items():
-                if name in payload:
-                    comp.load_state_dict(payload[name])
-        else:
-            # This rank did not exist when the checkpoint was written: its own components start as
-            # built, and its RNG streams are seeded by the run's convention.
-            seed = self.seed if self.seed is not None else manifest.get("seed")
-            seed = self._seed() if seed is None else seed
-            seed = seed if isinstance(seed, int) else 0
-            logger.warning(
-                "rank %d: %s was saved by %d ranks; seeding this rank's RNG from (seed=%d, rank=%d)",
-                rank,
-                path,
-                manifest["world_size"],
-                seed,
-                rank,
-            )
-            seed_all(rank_seed(seed, rank))
-        if world < manifest["world_size"] and rank == 0:
-            logger.warning("%s was saved by %d ranks, resuming on %d", path, manifest["world_size"], world)

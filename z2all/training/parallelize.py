@@ -199,6 +199,7 @@ class DataParallelModel:
                 random_seed=cfg.seed,
             )
             self._powersgd = PowerSGDState(None, ps_cfg)
+            self._powersgd_as_built = self._powersgd.state_dict()
             hook, hook_state = powerSGD_hook, self._powersgd
         elif cfg.comm_hook in ("fp16", "bf16"):
             hook = hooks.fp16_compress_hook if cfg.comm_hook == "fp16" else hooks.bf16_compress_hook
@@ -234,7 +235,10 @@ class DataParallelModel:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what fits this run's world size and buckets (module docstring); {} restores nothing."""
+        """Restore what fits this run's world size and buckets (module docstring); {}: as built."""
+        self._restored, self._not_restored_why = False, "the checkpoint holds no PowerSGD state"
+        if self._powersgd is not None:  # whatever an earlier (failed) load attempt restored goes
+            self._powersgd.load_state_dict(self._powersgd_as_built)
         if not state:
             return
         changed = _what_changed(state, self.world, self._layout, self._bucket_size)
@@ -247,9 +251,11 @@ class DataParallelModel:
             self._overlap.load_state_dict(state["overlap_optim"])
         if self._powersgd is not None and state.get("powersgd") is not None:
             if changed is None:
-                # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact resume
-                self._powersgd.load_state_dict(state["powersgd"])
-                self._restored = True
+                try:  # error feedback, warm-start P/Q and per-bucket call counts of this rank: exact
+                    self._powersgd.load_state_dict(state["powersgd"])
+                    self._restored = True
+                except ValueError as e:  # saved with another --powersgd_rank / start iter: restart
+                    self._not_restored_why = str(e)
             else:
                 self._not_restored_why = changed
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from z2all.training.checkpoint_format import CorruptCheckpointError, list_checkpoints, read_manifest
+from z2all.training.checkpoint_format import CheckpointVersionError, list_checkpoints, read_manifest
+from z2all.training.checkpoint_safety import UnsafeCheckpointError
 from z2all.training.checkpoint_v1 import v1_view
 from z2all.training.config import ConfigError, TrainConfig
 
@@ -36,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 # Settings a resumed run may not change.
 FROZEN_ON_RESUME = ("task_type", "model_config", "tokenizer_dir")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--resume: {path}: expected a JSON object")
+    return data
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -91,23 +102,26 @@ class ResumeRules:
         ``run_info.json`` (runs whose checkpoints predate the fingerprint in the manifest)."""
         out = Path(self.cfg.out_dir)
         info_path = out / "run_info.json"
-        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        info = _read_json(info_path) if info_path.is_file() else {}
         saved_path = out / "config.json"
         if saved_path.is_file():
-            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            saved = _read_json(saved_path)
             for name in FROZEN_ON_RESUME:
                 if name not in saved:
                     continue
                 now, then = getattr(self.cfg, name), saved[name]
+                flag = f"--{name}={now!r}"
                 if name == "tokenizer_dir" and now != then:
                     # the folders actually used: either run may have found it through --init_from
                     now, then = self.tokenizer_dir, then or info.get("tokenizer_dir", "")
                     if _same_folder(now, then):
                         continue
+                    if not self.cfg.tokenizer_dir:
+                        flag = f"the tokenizer folder found through --init_from ({now!r})"
                 if then != now:
                     raise ConfigError(
-                        f"--{name}={now!r} differs from the resumed run's {then!r} ({saved_path}); "
-                        "it cannot change on resume"
+                        f"{flag} differs from the resumed run's {then!r} ({saved_path}); it cannot "
+                        "change on resume"
                     )
         self._check_tokenizer(info.get("tokenizer_fingerprint"), str(info_path))
 
@@ -149,8 +163,9 @@ class ResumeRules:
         try:
             manifest = read_manifest(path)
             run = v1_view(path, manifest, 0).run if manifest["version"] == 1 else manifest["run"]
-        except (CorruptCheckpointError, ValueError, OSError, KeyError) as e:
-            # the loader will skip it and report why; the rules are checked on what it loads
+        except (CheckpointVersionError, UnsafeCheckpointError):
+            raise  # refusals, not damage: the loader would refuse it too
+        except Exception as e:  # noqa: BLE001 - damaged: the loader falls back and says why
             logger.debug("resume rules: cannot read %s yet (%s)", path, e)
             return
         self(path, run)

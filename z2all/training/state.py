@@ -91,14 +91,15 @@ class ScalerState:
 
     def __init__(self, scaler: torch.amp.GradScaler):
         self.scaler = scaler
+        self._as_built = scaler.state_dict()  # {} when disabled; the scale etc. it was built with
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()  # {} when disabled
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # saved disabled (or resumed with another --dtype): the scaler starts as built
-        if state_dict and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state_dict)
+        # {}: saved disabled (or resumed with another --dtype): the scaler starts as built
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state_dict or self._as_built)
 
 
 @dataclass
@@ -125,7 +126,9 @@ class RNGState:
         return get_rng_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_rng_state(state_dict)
+        # {}: a rank the checkpoint has no file of; the manager seeds its streams by the run's rule
+        if state_dict:
+            set_rng_state(state_dict)
 
 
 @dataclass
