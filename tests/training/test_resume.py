@@ -83,3 +83,16 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         check_fresh_out_dir(make_cfg(tmp_path / "used"))
     check_fresh_out_dir(make_cfg(tmp_path / "used", resume=True))
+
+
+def test_a_damaged_newest_checkpoint_is_left_to_the_loader(tmp_path):
+    """The early check reads the newest checkpoint's facts; when that checkpoint is torn (here a v1
+    rank file cut short) it defers to the loader, which falls back to an older one and says why."""
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "v1_checkpoint" / "run"
+    shutil.copytree(fixture, tmp_path / "run")
+    rank_file = tmp_path / "run" / "step_000002" / "rank_00000.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:100])
+    ResumeRules(make_cfg(tmp_path / "run", resume=True), 1, None, "").check_newest()
