@@ -1,5 +1,28 @@
-"""optimizer: AdamW construction with fused backends (torch fused/foreach, apex when installed)."""
+"""optimizer: AdamW with fused backends, and the fp32/bf16/fp16 wrappers with a dynamic loss scaler.
+
+Knows no model: every entry point takes parameters or param groups. Design: docs/optimizer.md.
+"""
 
 from optimizer.adamw import build_adamw, resolve_adamw_backend
+from optimizer.config import OptimizerConfig
+from optimizer.grad_scaler import DynamicGradScaler, LossScaleUnderflowError
+from optimizer.mixed_precision import (
+    Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
+    MixedPrecisionOptimizer,
+    adamw_factory,
+)
+from optimizer.param_groups import weight_decay_param_groups
 
-__all__ = ["build_adamw", "resolve_adamw_backend"]
+__all__ = [
+    "FP32Optimizer",
+    "DynamicGradScaler",
+    "Float16OptimizerWithFloat16Params",
+    "LossScaleUnderflowError",
+    "MixedPrecisionOptimizer",
+    "OptimizerConfig",
+    "adamw_factory",
+    "build_adamw",
+    "resolve_adamw_backend",
+    "weight_decay_param_groups",
+]
