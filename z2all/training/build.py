@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optimizer import build_adamw
+from optimizer import build_adamw, weight_decay_param_groups
 from z2all.data.dpo_dataset import DPODataset
 from z2all.data.pretrain_dataset import PretokDatasetWithIndex
 from z2all.data.sft_dataset import SFTDataset
@@ -166,18 +166,6 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, Any]:
     return model.float().train(), mc
 
 
-def param_groups_of(params, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (Linear and Embedding weights); norms and biases (ndim < 2) get none."""
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    return param_groups_of(list(model.parameters()), weight_decay)
-
-
 def _adamw(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     return build_adamw(
         groups,
@@ -194,7 +182,7 @@ def optimizer_factory(cfg: TrainConfig) -> MakeOptimizer:
     model, or for one DDP bucket with --overlap_optim_step."""
 
     def make(named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return _adamw(cfg, param_groups_of([p for _, p in named_params], cfg.weight_decay))
+        return _adamw(cfg, weight_decay_param_groups([p for _, p in named_params], cfg.weight_decay))
 
     return make
 

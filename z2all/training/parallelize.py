@@ -85,14 +85,13 @@ def _counting_compress_hook(dtype: torch.dtype):
 
 def _counting_powersgd_hook(state: _ByteCounter, bucket) -> torch.futures.Future[torch.Tensor]:
     """torch's PowerSGD hook; bytes read from its own compression statistics (P, Q and uncompressed)."""
-    psgd = torch_powersgd
     ps = state.inner_state
     buf = bucket.buffer()
     if ps.iter < ps.start_powerSGD_iter:
         state.bytes += buf.numel() * buf.element_size()
-        return psgd.powerSGD_hook(ps, bucket)
+        return torch_powersgd.powerSGD_hook(ps, bucket)
     before = ps.total_numel_after_compression
-    fut = psgd.powerSGD_hook(ps, bucket)
+    fut = torch_powersgd.powerSGD_hook(ps, bucket)
     state.bytes += (ps.total_numel_after_compression - before) * buf.element_size()
     return fut
 
