@@ -6,6 +6,7 @@ Knows no model: every entry point takes parameters or param groups. Design: docs
 from optimizer.adamw import build_adamw, resolve_adamw_backend
 from optimizer.config import OptimizerConfig
 from optimizer.grad_scaler import DynamicGradScaler, LossScaleUnderflowError
+from optimizer.main_params import MainParams
 from optimizer.mixed_precision import (
     Float16OptimizerWithFloat16Params,
     FP32Optimizer,
@@ -19,6 +20,7 @@ __all__ = [
     "DynamicGradScaler",
     "Float16OptimizerWithFloat16Params",
     "LossScaleUnderflowError",
+    "MainParams",
     "MixedPrecisionOptimizer",
     "OptimizerConfig",
     "adamw_factory",

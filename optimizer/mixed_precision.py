@@ -29,6 +29,10 @@ Invariants:
 - ``main_params[i]`` belongs to ``model_params[i]``, flattened in param-group order; a 16-bit
   weight always equals ``main.to(weight.dtype)`` after a step or a load. Weights are written in
   place (``copy_``), never rebound, so DDP's buffer views stay valid.
+- Main params given as a ``MainParams`` (the trainer's way) belong to it: ``state_dict()`` then has
+  ``"main_params": None`` and the owner checkpoints them (named like the model, optimizer/main_params.py).
+- ``grad_of`` says where a weight's gradient is (default ``_model_grad``); the trainer passes its
+  DDP's, which returns None for a parameter no rank used, as torch DDP leaves its ``.grad`` None.
 - ``state_dict()`` holds only tensors, ints, floats, strings, None and containers of them, so it
   round-trips through ``torch.load(weights_only=True)``.
 """
@@ -45,11 +49,14 @@ import torch.distributed as dist
 from optimizer.adamw import build_adamw
 from optimizer.config import OptimizerConfig
 from optimizer.grad_scaler import DynamicGradScaler
+from optimizer.main_params import MainParams
 
 logger = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 """Builds the inner optimizer from param groups (dicts with "params" and per-group overrides)."""
+GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""``weight -> its gradient this step, or None`` (not stepped). Default: :func:`_model_grad`."""
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _STATE_KEYS = {"optimizer", "main_params", "grad_scaler"}
@@ -98,9 +105,14 @@ class MixedPrecisionOptimizer:
         grad_scaler: DynamicGradScaler | None,
         process_group: dist.ProcessGroup | None,
         grad_norm_process_group: dist.ProcessGroup | None,
+        grad_of: GradOf | None = None,
+        owns_main_params: bool = True,
     ):
         assert len(model_params) == len(main_params)
         self.optimizer = optimizer
+        self._grad_of = grad_of or _model_grad
+        # False: the main params were given (a MainParams object), whose owner checkpoints them
+        self._owns_main_params = owns_main_params
         self.config = config
         self.grad_scaler = grad_scaler
         self.process_group = process_group
@@ -113,6 +125,11 @@ class MixedPrecisionOptimizer:
     def param_groups(self) -> list[dict]:
         """The inner optimizer's groups (over the main params): a schedule sets ``group["lr"]`` here."""
         return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        """The inner optimizer's per-parameter state (keyed by main param)."""
+        return self.optimizer.state
 
     @property
     def model_params(self) -> list[torch.Tensor]:
@@ -194,7 +211,7 @@ class MixedPrecisionOptimizer:
         its state or None}. Tensors are references, as in ``torch.optim.Optimizer.state_dict``."""
         return {
             "optimizer": self.optimizer.state_dict(),
-            "main_params": [p.detach() for p in self._main_params],
+            "main_params": [p.detach() for p in self._main_params] if self._owns_main_params else None,
             "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
         }
 
@@ -211,6 +228,10 @@ class MixedPrecisionOptimizer:
                 f"unexpected keys {sorted(keys - _STATE_KEYS)}"
             )
         saved = state["main_params"]
+        if saved is None:  # main params kept by their owner (a MainParams), restored by it
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_scaler(state["grad_scaler"])
+            return
         if len(saved) != len(self._main_params):
             raise ValueError(
                 f"optimizer state_dict: {len(saved)} main params saved, this optimizer has "
@@ -226,7 +247,9 @@ class MixedPrecisionOptimizer:
         for mine, theirs in zip(self._main_params, saved):
             mine.copy_(theirs)
         self._copy_main_params_to_model_params()
-        scaler_state = state["grad_scaler"]
+        self._load_scaler(state["grad_scaler"])
+
+    def _load_scaler(self, scaler_state: dict | None) -> None:
         if self.grad_scaler is not None and scaler_state is not None:
             self.grad_scaler.load_state_dict(scaler_state)
         elif scaler_state is not None:
@@ -251,6 +274,7 @@ class FP32Optimizer(MixedPrecisionOptimizer):
         grad_scaler: DynamicGradScaler | None = None,
         process_group: dist.ProcessGroup | None = None,
         grad_norm_process_group: dist.ProcessGroup | None = None,
+        grad_of: GradOf | None = None,
     ):
         groups = _as_groups(param_groups)
         params = [p for g in groups for p in g["params"]]
@@ -261,12 +285,12 @@ class FP32Optimizer(MixedPrecisionOptimizer):
                 )
         optimizer = (inner_factory or adamw_factory(config))(groups)
         super().__init__(
-            optimizer, params, params, config, grad_scaler, process_group, grad_norm_process_group
+            optimizer, params, params, config, grad_scaler, process_group, grad_norm_process_group, grad_of
         )
 
     def _copy_model_grads_to_main_grads(self) -> None:
         for p in self._model_params:
-            g = _model_grad(p)
+            g = self._grad_of(p)
             if g is not None and g is not p.grad:
                 p.grad = g  # DDP's fp32 main_grad, aliased: no copy
 
@@ -287,8 +311,13 @@ class Float16OptimizerWithFloat16Params(MixedPrecisionOptimizer):
         grad_scaler: DynamicGradScaler | None = None,
         process_group: dist.ProcessGroup | None = None,
         grad_norm_process_group: dist.ProcessGroup | None = None,
+        grad_of: GradOf | None = None,
+        main_params: MainParams | None = None,
     ):
+        """``main_params``: the fp32 copies to step, owned (and checkpointed) by the caller; every
+        16-bit weight must be in it. None: the wrapper clones its own from the weights now."""
         groups = _as_groups(param_groups)
+        shared_mains = main_params
         model_params, main_params, main_groups = [], [], []
         for g in groups:
             main_group = {**g, "params": []}
@@ -296,7 +325,9 @@ class Float16OptimizerWithFloat16Params(MixedPrecisionOptimizer):
                 i = len(model_params)
                 if p.dtype == torch.float16 and grad_scaler is None:
                     raise ValueError(f"param {i} is float16: fp16 weights need a DynamicGradScaler")
-                if p.dtype in _HALF_DTYPES:
+                if p.dtype in _HALF_DTYPES and shared_mains is not None:
+                    main = shared_mains.of(p)
+                elif p.dtype in _HALF_DTYPES:
                     main = p.detach().clone().float()  # a leaf, requires_grad=False
                 elif p.dtype == torch.float32:
                     main = p
@@ -308,12 +339,20 @@ class Float16OptimizerWithFloat16Params(MixedPrecisionOptimizer):
             main_groups.append(main_group)
         optimizer = (inner_factory or adamw_factory(config))(main_groups)
         super().__init__(
-            optimizer, model_params, main_params, config, grad_scaler, process_group, grad_norm_process_group
+            optimizer,
+            model_params,
+            main_params,
+            config,
+            grad_scaler,
+            process_group,
+            grad_norm_process_group,
+            grad_of,
+            owns_main_params=shared_mains is None,
         )
 
     def _copy_model_grads_to_main_grads(self) -> None:
         for model, main in zip(self._model_params, self._main_params):
-            g = _model_grad(model)
+            g = self._grad_of(model)
             if main is model:
                 if g is not None and g is not model.grad:
                     model.grad = g.float()

@@ -326,7 +326,8 @@ class DistributedDataParallel(_ModuleWrapper):
         """Wait for all bucket collectives; afterwards every ``param.grad`` holds the averaged gradient.
 
         For same-dtype grads ``param.grad`` is a view into the grad buffer; for bf16/fp16 params with
-        fp32 grads it is a copy in the param dtype (``param.main_grad`` keeps the fp32 value). A
+        fp32 grads it is a copy in the param dtype (``param.main_grad`` keeps the fp32 value), or None
+        with ``config.param_grad_copies=False`` (the optimizer reads ``main_grad``). A
         parameter that got no gradient on any rank this iteration gets ``param.grad = None`` (listed in
         ``unused_params``), so the optimizer does not move it. With ``use_distributed_optimizer``
         (default hook) only each bucket's local shard of ``main_grad`` is valid and ``param.grad`` is
@@ -365,8 +366,10 @@ class DistributedDataParallel(_ModuleWrapper):
                 for p in bucket.params:
                     if p in unused:
                         p.grad = None
-                    else:
-                        p.grad = p.main_grad if p.main_grad.dtype == p.dtype else p.main_grad.to(p.dtype)
+                    elif p.main_grad.dtype == p.dtype:
+                        p.grad = p.main_grad
+                    else:  # config.param_grad_copies=False: the optimizer reads main_grad itself
+                        p.grad = p.main_grad.to(p.dtype) if self.config.param_grad_copies else None
         after_grad_sync = getattr(self._comm_hook_state, "after_grad_sync", None)
         if after_grad_sync is not None:
             after_grad_sync()  # e.g. the overlapped optimizer's deferred steps (bucket.py)

@@ -17,6 +17,13 @@ class DistributedDataParallelConfig:
     Costs 4 bytes per parameter instead of 2 but keeps micro-batch accumulation and the
     all-reduce sum from losing low bits."""
 
+    param_grad_copies: bool = True
+    """With ``grad_reduce_in_fp32`` and bf16/fp16 params: after ``finish_grad_sync()`` each used
+    parameter's ``.grad`` is a copy of its averaged fp32 ``main_grad`` in the param dtype, what a plain
+    torch optimizer steps. False: their ``.grad`` stays None and the optimizer reads ``main_grad``
+    (Megatron's way; the optimizer/ wrappers do), saving that copy's 2 bytes per parameter; which
+    parameters no rank used is then in ``unused_params``."""
+
     overlap_grad_reduce: bool = True
     """Launch each bucket's collective asynchronously during backward, as soon as its last
     gradient is ready (from the first iteration on). False: all collectives are launched from

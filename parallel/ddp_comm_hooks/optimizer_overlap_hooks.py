@@ -130,7 +130,12 @@ class OptimizerOverlapState:
             )
             opt = self.optimizers[index] = self.make_optimizer(list(zip(names, params)))
             if index in self._pending_state:
+                # the saved state carries the learning rate of the step it was saved at: keep this
+                # step's, which make_optimizer set (a resume would otherwise take one step at the old LR)
+                lrs = [group["lr"] for group in opt.param_groups]
                 opt.load_state_dict(self._pending_state.pop(index))
+                for group, lr in zip(opt.param_groups, lrs, strict=True):
+                    group["lr"] = lr
             logger.info(
                 "overlapped optimizer for bucket %d: %d params (%s ...)", index, len(params), names[:2]
             )

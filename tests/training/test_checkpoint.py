@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimizer import DynamicGradScaler
 from z2all.training import checkpoint as ckpt_mod
 from z2all.training.checkpoint import (
     CheckpointManager,
@@ -33,7 +34,7 @@ from z2all.training.checkpoint_format import list_checkpoints
 from z2all.training.checkpoint_safety import SafeFileSystemReader, safe_torch_load
 from z2all.training.config import ConfigError
 from z2all.training.rng_state import seed_all
-from z2all.training.state import ScalerState, TrainProgress, TrainState
+from z2all.training.state import LossScalerState, TrainProgress, TrainState
 
 
 @dataclasses.dataclass
@@ -129,15 +130,27 @@ def save_two(out_dir: Path, **kw) -> CheckpointManager:
     return mgr
 
 
+def loss_scaler(initial_scale: float) -> DynamicGradScaler:
+    """An fp16 loss scaler that grows after 2 good steps and backs off after 2 overflows."""
+    return DynamicGradScaler(
+        initial_scale, min_scale=1.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2, hysteresis=2
+    )
+
+
 def test_round_trip_is_exact(tmp_path):
     model, opt = make()
     seed_all(11)
     for _ in range(3):
         train_step(model, opt)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)  # not the defaults
+    scaler = loss_scaler(1024.0)
+    for found_inf in (True, True, False):  # backs off to 512, then one good step: away from as built
+        scaler.update(found_inf)
+    want_scaler = scaler.state_dict()
+    assert float(want_scaler["scale"]) == 512.0
+    assert (want_scaler["growth_tracker"], want_scaler["hysteresis_tracker"]) == (1, 0)
     # A compiled wrapper must not leak `_orig_mod.` into the checkpoint (construction does not compile).
     state = TrainState.of(
-        torch.compile(model), opt, progress=TrainProgress(3, 96), scaler=ScalerState(scaler)
+        torch.compile(model), opt, progress=TrainProgress(3, 96), scaler=LossScalerState(scaler)
     )
     path = CheckpointManager(tmp_path).save(3, with_note(state, Note({"tag": None, "n": 7})))
     expected = [train_step(model, opt) for _ in range(3)]
@@ -152,11 +165,15 @@ def test_round_trip_is_exact(tmp_path):
 
     model2, opt2 = make(seed=123)  # different init, fresh optimizer, fresh scaler, scrambled RNG
     seed_all(999)
-    progress2, scaler2, note2 = TrainProgress(), torch.amp.GradScaler("cpu"), Note()
-    state2 = TrainState.of(model2, opt2, progress=progress2, scaler=ScalerState(scaler2))
+    progress2, scaler2, note2 = TrainProgress(), loss_scaler(65536.0), Note()
+    state2 = TrainState.of(model2, opt2, progress=progress2, scaler=LossScalerState(scaler2))
     got = CheckpointManager(tmp_path).load_latest(with_note(state2, note2))
     assert got["step"] == 3 and progress2 == TrainProgress(3, 96)
-    assert (scaler2.get_scale(), scaler2.get_growth_interval()) == (1024.0, 7)
+    got_scaler = scaler2.state_dict()
+    assert got_scaler["scale"].dtype == torch.float32 and got_scaler["scale"].shape == (1,)
+    assert torch.equal(got_scaler["scale"], want_scaler["scale"])  # 512, not 65536
+    assert (got_scaler["growth_tracker"], got_scaler["hysteresis_tracker"]) == (1, 0)
+    assert type(got_scaler["growth_tracker"]) is int and type(got_scaler["hysteresis_tracker"]) is int
     assert note2.state == {"tag": None, "n": 7}
     got = [train_step(model2, opt2) for _ in range(3)]
     assert got == expected  # bit-identical losses: model, AdamW state and every RNG stream
@@ -499,14 +516,17 @@ def test_a_failed_attempt_leaves_nothing_behind_in_the_scaler(tmp_path):
     model, opt = make()
     mgr = CheckpointManager(tmp_path)
     train_step(model, opt)
-    mgr.save(1, TrainState.of(model, opt, scaler=ScalerState(torch.amp.GradScaler("cpu", enabled=False))))
-    used = torch.amp.GradScaler("cpu", init_scale=4.0)
-    mgr.save(2, TrainState.of(model, opt, scaler=ScalerState(used)))
+    mgr.save(1, TrainState.of(model, opt, scaler=LossScalerState(None)))
+    used = loss_scaler(4.0)
+    used.update(True)  # a tracker away from as built too
+    mgr.save(2, TrainState.of(model, opt, scaler=LossScalerState(used)))
     # a readable rank file whose RNG state is malformed: the attempt fails in the LAST step of the
     # restore, after the shared components (the scaler among them) were loaded
     torch.save({"rng": {"version": 99}}, tmp_path / "step_000002" / "rank_00000.pt")
     rewrite_manifest_entry(tmp_path / "step_000002", "rank_00000.pt")
-    live = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    state = TrainState.of(*make(seed=1), scaler=ScalerState(live))
+    live = loss_scaler(1024.0)
+    state = TrainState.of(*make(seed=1), scaler=LossScalerState(live))
     assert CheckpointManager(tmp_path).load_latest(state)["step"] == 1
-    assert live.get_scale() == 1024.0  # as built, not the 4.0 the failed attempt loaded
+    # as built, not the 4.0 (and the spent hysteresis) the failed attempt loaded
+    got = live.state_dict()
+    assert float(got["scale"]) == 1024.0 and (got["growth_tracker"], got["hysteresis_tracker"]) == (0, 2)

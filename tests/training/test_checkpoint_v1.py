@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from optimizer import DynamicGradScaler
 from tests.training.fixtures.make_v1_checkpoint import BATCHES, build, draws, sha256, train_step
 from tests.training.test_state import assert_same
 from z2all.training.checkpoint import CheckpointManager, CheckpointVersionError
 from z2all.training.checkpoint_format import FORMAT_VERSION, read_manifest
 from z2all.training.model_loading import load_model_from_dir
 from z2all.training.rng_state import seed_all, set_rng_state
-from z2all.training.state import ScalerState, TrainProgress, TrainState
+from z2all.training.state import LossScalerState, TrainProgress, TrainState
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1_checkpoint"
 RUN = FIXTURE / "run"
@@ -59,9 +60,11 @@ def test_v1_checkpoint_resumes_bit_exactly(run_copy):
     ref = torch.load(FIXTURE / "reference.pt", weights_only=True)
     model, opt = build(seed=1)  # other weights, fresh optimizer, scrambled streams
     seed_all(99)
-    progress, scaler = TrainProgress(), torch.amp.GradScaler("cpu", enabled=False)
+    progress, scaler = TrainProgress(), DynamicGradScaler(1024.0, 1.0, 2.0, 0.5, 2, 2)
     facts = []
-    state = TrainState.of(model, opt, progress=progress, scaler=ScalerState(scaler))
+    state = TrainState.of(model, opt, progress=progress, scaler=LossScalerState(scaler))
+    for found_inf in (True, True, False):  # moved after it was built: the load must put it back
+        scaler.update(found_inf)
     manifest = CheckpointManager(run_copy).load_latest(state, check=lambda path, run: facts.append(run))
 
     # The state at step 2, exactly as the old z2all held it when it saved.
@@ -70,7 +73,8 @@ def test_v1_checkpoint_resumes_bit_exactly(run_copy):
     assert facts == [{"world_size": 1, "overlap_optim_step": False}]  # v1's extra, as resume facts
     assert_same(dict(model.state_dict()), ref["at_save"]["model"], "model")
     assert_same(opt.state_dict(), ref["at_save"]["optim"], "optim")
-    assert not scaler.is_enabled() and scaler.state_dict() == {}  # v1 saved no scaler: as built
+    # v1 saved no scaler (its runs were bf16/fp32): a scaler on resume starts as built
+    assert_same(scaler.state_dict(), DynamicGradScaler(1024.0, 1.0, 2.0, 0.5, 2, 2).state_dict(), "scaler")
 
     got_draws, got_losses, got_final = _continue(model, opt)
     assert got_draws == REFERENCE["draws_after_save"]  # every RNG stream continues where it stopped

@@ -55,7 +55,27 @@ def test_types_are_converted():
             ["--data_dir=d", "--warmup_iters=50", "--max_iters=10"],
             "--warmup_iters (50) > --lr_decay_iters (10)",
         ),
-        (["--data_dir=d", "--dtype=float16"], "--dtype=float16 needs --device=cuda"),
+        (
+            ["--data_dir=d", "--params_dtype=bfloat16"],
+            "--params_dtype=bfloat16 computes in bfloat16: --dtype=float32 must be --dtype=bfloat16",
+        ),
+        (
+            ["--data_dir=d", "--params_dtype=float16", "--dtype=float16", "--ddp_impl=torch"],
+            "--params_dtype=float16 needs --ddp_impl=z2all",
+        ),
+        (["--data_dir=d", "--adam_eps=0"], "--adam_eps=0.0 must be a finite number > 0"),
+        (["--data_dir=d", "--min_loss_scale=0.5"], "--min_loss_scale=0.5 must be a finite number >= 1"),
+        (
+            ["--data_dir=d", "--initial_loss_scale=2", "--min_loss_scale=4"],
+            "--initial_loss_scale=2.0 must be finite and >= min_loss_scale (4.0)",
+        ),
+        (["--data_dir=d", "--hysteresis=0"], "--hysteresis must be > 0, got 0"),
+        (["--data_dir=d", "--loss_scale_window=0"], "--loss_scale_window must be > 0, got 0"),
+        (["--data_dir=d", "--max_skipped_steps=0"], "--max_skipped_steps must be > 0, got 0"),
+        (
+            ["--data_dir=d", "--overlap_optim_step", "--grad_clip=0", "--dtype=float16"],
+            "--overlap_optim_step does not support the float16 loss scaler",
+        ),
         (["--data_dir=d", "--keep_checkpoints=1"], "--keep_checkpoints must be >= 2"),
         (
             ["--data_dir=d", "--overlap_optim_step", "--ddp_impl=torch"],
@@ -86,7 +106,7 @@ def test_bad_flags_name_the_flag(argv, needle):
 
 FLOAT_FLAGS = [
     "valid_ratio", "learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip",
-    "dpo_beta",
+    "dpo_beta", "initial_loss_scale", "min_loss_scale",
 ]  # fmt: skip
 
 

@@ -221,3 +221,30 @@ def test_valid_samples_sets_the_exact_held_out_count(world):
     )
     assert len(valid_ds) == 7
     assert len(train_ds) + 7 == len(by_ratio[0]) + len(by_ratio[1])  # same windows, other split
+
+
+def test_bf16_weights_keep_the_fp32_truth_from_init_from_to_export(world, tmp_path):
+    """--params_dtype=bfloat16 from an fp32 run: the main params start as the fp32 weights exactly
+    (not their rounding), the checkpoint's model entry is those fp32 main params, and
+    load_model_from_dir (what --init_from and z2all.sample use) and export_hf read them. A step at a
+    learning rate of 1e-30 moves no fp32 value, so the checkpoint must equal the starting weights bit
+    for bit."""
+    from z2all.export_hf import export_hf
+    from z2all.training.model_loading import load_model_from_dir
+
+    start, _ = load_model_from_dir(world["pretrain"])
+    kw = dict(task_type="pretrain", data_dir=str(world["pretok"]), params_dtype="bfloat16", dtype="bfloat16")
+    kw.update(learning_rate=1e-30, min_lr=1e-30, warmup_iters=0)
+    train(common(tmp_path / "bf16", world["tok"], init_from=str(world["pretrain"]), max_iters=1, **kw))
+    got, _ = load_model_from_dir(tmp_path / "bf16")
+    for name, w in start.state_dict().items():
+        assert got.state_dict()[name].dtype == torch.float32 and torch.equal(got.state_dict()[name], w), name
+    assert any(not torch.equal(w.to(torch.bfloat16).float(), w) for w in start.state_dict().values())
+
+    hf = export_hf(tmp_path / "bf16", tmp_path / "hf", dtype="bfloat16")
+    from safetensors.torch import load_file
+
+    exported = {k: v for f in sorted(Path(hf).glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert all(v.dtype == torch.bfloat16 for v in exported.values())
+    emb = exported["model.embed_tokens.weight"]
+    assert torch.equal(emb, start.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16))

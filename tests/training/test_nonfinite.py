@@ -84,7 +84,10 @@ def faulty_components(cfg, **faults) -> Components:
 
 def adam_steps(comp: Components) -> int:
     """How many optimizer steps were applied (AdamW's per-parameter step count)."""
-    return int(comp.make_optimizer.built.state[comp.model.head.weight]["step"])
+    # keyed by the fp32 main params with 16-bit weights: every parameter's count is the step count
+    counts = {int(s["step"]) for s in comp.make_optimizer.built.state.values()}
+    assert len(counts) == 1, counts
+    return counts.pop()
 
 
 def all_finite(model: nn.Module) -> bool:
@@ -125,33 +128,55 @@ def test_tolerated_nonfinite_steps_are_skipped_and_the_streak_resets(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)],
+    "device,params_dtype",
+    [
+        ("cpu", "float32"),
+        ("cpu", "float16"),
+        pytest.param("cuda", "float32", marks=pytest.mark.gpu),
+        pytest.param("cuda", "float16", marks=pytest.mark.gpu),
+    ],
 )
-def test_loss_scaler_overflow_is_not_counted(tmp_path, monkeypatch, device):
-    """float16: an Inf gradient with a finite loss is the scaler's routine overflow (it skips the step
-    and halves its scale), not a non-finite step; a NaN *loss* still counts. On CPU the scaler is
-    forced on (CPU autocast has no float16): the loop's logic is the same."""
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        kw = dict(device="cuda", dtype="float16")
-    else:
-        real = torch.amp.GradScaler
-        monkeypatch.setattr(torch.amp, "GradScaler", lambda dev, enabled: real(dev, enabled=True))
-        kw = {}
-    cfg = make_cfg(tmp_path / "fp16", max_iters=6, lr_decay_iters=6, save_interval=0, eval_interval=0, **kw)
+def test_loss_scaler_overflow_is_not_counted(tmp_path, device, params_dtype):
+    """float16 (autocast over fp32 weights, or fp16 weights): an Inf gradient with a finite loss is
+    the scaler's routine overflow: the step is skipped on every rank (metrics say so), the scale
+    halves once the hysteresis (2) is spent, nothing is counted as non-finite; a NaN *loss* still
+    counts. CPU runs float16 too (slowly): the same loop as on a GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    # 2**10: this model's fp16 gradients overflow for real at the default 2**16 (its first steps too)
+    kw = dict(device=device, dtype="float16", params_dtype=params_dtype, initial_loss_scale=1024.0)
+    kw.update(save_interval=0, eval_interval=0)
+    cfg = make_cfg(tmp_path / "fp16", max_iters=6, lr_decay_iters=6, **kw)
     comp = faulty_components(cfg, inf_grad_steps={2, 3})
     res = train(cfg, comp)
     assert [r["step"] for r in res.history] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) for r in res.history)
     assert adam_steps(comp) == 4 and all_finite(comp.model)  # the scaler skipped 2 and 3
+    recs = read_metrics(tmp_path / "fp16")
+    assert [r.get("skipped", False) for r in recs] == [False, True, True, False, False, False]
+    assert [r["loss_scale"] for r in recs] == [1024.0] * 3 + [512.0] * 3  # backed off after 2
+    assert [r["grad_norm"] is None for r in recs] == [False, True, True, False, False, False]
 
-    cfg = make_cfg(
-        tmp_path / "fp16-nan", max_iters=6, lr_decay_iters=6, save_interval=0, eval_interval=0, **kw
-    )
+    cfg = make_cfg(tmp_path / "fp16-nan", max_iters=6, lr_decay_iters=6, **kw)
     with pytest.raises(NonFiniteStepError, match=r"^step 2: non-finite loss"):
         train(cfg, faulty_components(cfg, nan_steps={2}))
+
+
+def test_overflow_at_min_loss_scale_and_endless_overflows_stop_the_run(tmp_path):
+    """An overflow that needs a backoff at --min_loss_scale stops the run (exit code 3) naming the
+    flag; so do more than --max_skipped_steps overflows in a row, whatever the scale."""
+    kw = dict(dtype="float16", save_interval=0, eval_interval=0, max_iters=6, lr_decay_iters=6)
+    cfg = make_cfg(tmp_path / "a", initial_loss_scale=4.0, min_loss_scale=4.0, hysteresis=1, **kw)
+    with pytest.raises(
+        NonFiniteStepError, match=r"^step 2: fp16 gradients overflow at the minimum loss scale 4 "
+    ):
+        train(cfg, faulty_components(cfg, inf_grad_steps={2}))
+    cfg = make_cfg(tmp_path / "b", max_skipped_steps=2, **kw)
+    with pytest.raises(
+        NonFiniteStepError, match=r"^step 4: float16 gradients overflowed in 3 steps in a row"
+    ):
+        train(cfg, faulty_components(cfg, inf_grad_steps={2, 3, 4, 5}))
+    assert [r.get("skipped", False) for r in read_metrics(tmp_path / "b")] == [False, True, True, True]
 
 
 def test_save_refuses_nonfinite_model_or_optimizer_state(tmp_path):

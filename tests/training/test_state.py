@@ -4,7 +4,7 @@ through a real CheckpointManager save and load into freshly built objects, bit-e
 Each test saves one component next to the model, builds new objects (other init, other settings
 where they can differ), loads, and compares with ``torch.equal`` / ``==``: nothing is compared to a
 tolerance. The empty state dict means "as freshly built" (state.py's protocol rule), so the fresh
-optimizer and the disabled loss scaler are checked both ways: nothing written, and loading puts a
+optimizer and the absent loss scaler are checked both ways: nothing written, and loading puts a
 used object back to freshly built.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from optimizer import DynamicGradScaler, MainParams
 from tests.dist_utils import run_distributed
 from tests.training.test_checkpoint import make, train_step
 from tests.training.test_loop import make_cfg
@@ -28,10 +28,11 @@ from z2all.training.checkpoint import CheckpointManager, CheckpointMismatchError
 from z2all.training.parallelize import DataParallelModel
 from z2all.training.rng_state import seed_all
 from z2all.training.state import (
+    LossScalerState,
+    MainParamsState,
     ModelState,
     OptimizerState,
     RNGState,
-    ScalerState,
     TrainProgress,
     TrainState,
 )
@@ -144,62 +145,127 @@ def test_a_shared_component_the_checkpoint_lacks_is_refused(tmp_path):
         CheckpointManager(tmp_path).load_latest(TrainState.of(*make(seed=1)))
 
 
-# ---- ScalerState -------------------------------------------------------------------------------------
-def _scaled_steps(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, n: int):
-    """``n`` loss-scaled steps on CPU; the second gradient is Inf once (the scaler backs off)."""
-    for i in range(n):
-        x = torch.randint(0, 32, (4, 8))
-        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
-        scaler.scale(loss * (float("inf") if i == 1 else 1.0)).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+# ---- LossScalerState ---------------------------------------------------------------------------------
+def _scaler(initial_scale: float = 1024.0) -> DynamicGradScaler:
+    """A small-window fp16 loss scaler: it grows after 2 good steps, backs off after 2 overflows."""
+    return DynamicGradScaler(
+        initial_scale, min_scale=1.0, growth_factor=4.0, backoff_factor=0.5, growth_interval=2, hysteresis=2
+    )
 
 
-def test_enabled_scaler_round_trip(tmp_path):
+def _scaled_steps(scaler: DynamicGradScaler, pattern: str) -> None:
+    """One ``update`` per character of ``pattern``: ``O`` an overflowing step, ``G`` a good one (what
+    the fp16 optimizer wrapper reports after its all-rank Inf/NaN check)."""
+    for c in pattern:
+        scaler.update(found_inf={"O": True, "G": False}[c])
+
+
+def test_loss_scaler_round_trip(tmp_path):
     model, opt = make()
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_factor=4.0, growth_interval=2)
-    _scaled_steps(model, opt, scaler, 5)  # grows at the 4th, backs off at the 2nd
+    scaler = _scaler()
+    _scaled_steps(scaler, "GGOGOG")  # grows to 4096, spends its hysteresis, backs off to 2048
     want = scaler.state_dict()
-    assert want["scale"] != 1024.0 and want["_growth_tracker"] > 0  # moved away from its init
+    assert float(want["scale"]) == 2048.0 and want["growth_tracker"] == 1 and want["hysteresis_tracker"] == 0
+    assert want["scale"].dtype == torch.float32 and want["scale"].shape == (1,)
 
     model2, opt2 = make(seed=5)
-    scaler2 = torch.amp.GradScaler("cpu")  # the defaults
+    scaler2 = _scaler(initial_scale=65536.0)  # the same factors and windows, another starting point
+    _scaled_steps(scaler2, "GO")  # and not as built either
     round_trip(
         tmp_path,
-        TrainState.of(model, opt, scaler=ScalerState(scaler)),
-        TrainState.of(model2, opt2, scaler=ScalerState(scaler2)),
+        TrainState.of(model, opt, scaler=LossScalerState(scaler)),
+        TrainState.of(model2, opt2, scaler=LossScalerState(scaler2)),
     )
     assert_same(scaler2.state_dict(), want)
-    _scaled_steps(model, opt, scaler, 3)  # the same scale schedule from here on
-    _scaled_steps(model2, opt2, scaler2, 3)
+    # the same scale schedule from here on: the next overflow backs off at once (no hysteresis left)
+    for s in (scaler, scaler2):
+        _scaled_steps(s, "OGGO")
     assert_same(scaler2.state_dict(), scaler.state_dict())
+    assert float(scaler.scale) == 4096.0 and scaler.state_dict()["hysteresis_tracker"] == 1
 
 
-def test_disabled_scaler_is_saved_empty_and_leaves_the_scaler_as_built(tmp_path):
-    """bf16/fp32 runs: nothing written; a scaler enabled on resume (another --dtype) starts as built,
-    and an enabled scaler's state is not forced onto a disabled one."""
-    model, opt = make()
-    off = torch.amp.GradScaler("cpu", enabled=False)
-    assert ScalerState(off).state_dict() == {}
-    on = torch.amp.GradScaler("cpu", init_scale=8.0)
+def test_no_scaler_is_saved_empty_and_leaves_the_scaler_as_built(tmp_path):
+    """bf16/fp32 runs: nothing written; a scaler on resume (another --dtype) starts as built, and a
+    saved scaler's state is not forced onto a run without one."""
+    model, _ = make()
+    off = LossScalerState(None)
+    assert off.state_dict() == {}
+    on = _scaler(initial_scale=8.0)
+    on_state = LossScalerState(on)  # built here: "as built" is this state
+    _scaled_steps(on, "GGOG")  # moved before the load: the load must put it back
+    assert on.state_dict()["growth_tracker"] == 1
     manifest = round_trip(
         tmp_path / "a",
-        TrainState.of(model, scaler=ScalerState(off)),
-        TrainState.of(make(seed=1)[0], scaler=ScalerState(on)),
+        TrainState.of(model, scaler=off),
+        TrainState.of(make(seed=1)[0], scaler=on_state),
     )
     assert manifest["components"]["empty"] == ["scaler"]
-    assert_same(on.state_dict(), torch.amp.GradScaler("cpu", init_scale=8.0).state_dict())
+    assert "scaler" not in manifest["components"]["shared"]
+    assert_same(on.state_dict(), _scaler(initial_scale=8.0).state_dict())
 
-    used = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    _scaled_steps(model, opt, used, 2)
-    off2 = torch.amp.GradScaler("cpu", enabled=False)
-    round_trip(
+    used = _scaler()
+    _scaled_steps(used, "GOO")
+    assert used.state_dict() != _scaler().state_dict()
+    off2 = LossScalerState(None)
+    manifest = round_trip(
         tmp_path / "b",
-        TrainState.of(model, scaler=ScalerState(used)),
-        TrainState.of(make(seed=1)[0], scaler=ScalerState(off2)),
+        TrainState.of(model, scaler=LossScalerState(used)),
+        TrainState.of(make(seed=1)[0], scaler=off2),
     )
-    assert not off2.is_enabled() and off2.state_dict() == {}
+    assert "scaler" in manifest["components"]["shared"]
+    assert off2.scaler is None and off2.state_dict() == {}
+
+
+# ---- MainParamsState ---------------------------------------------------------------------------------
+def _bf16(seed: int) -> tuple[nn.Module, MainParams]:
+    """A bf16 model and its fp32 main copies, taken from the fp32 init before the cast."""
+    model, _ = make(seed=seed)
+    main = MainParams(model.named_parameters(remove_duplicate=False))
+    model.to(torch.bfloat16)
+    return model, main
+
+
+def _mains(main: MainParams) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in main.module.named_parameters(remove_duplicate=False)}
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
+
+
+def test_main_params_state_round_trip_and_across_dtypes(tmp_path):
+    """A bf16 run saves its fp32 main copies under the model's names: they come back bit for bit
+    (the bf16 weights as their rounding), and the checkpoint is interchangeable with an fp32 run's."""
+    model, main = _bf16(seed=0)
+    want = _mains(main)
+    assert set(want) == set(_weights(model))
+    assert all(v.dtype == torch.float32 for v in want.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    # the main copies hold more than the bf16 weights: a load that went through bf16 would show
+    assert any(not torch.equal(want[k], w.float()) for k, w in _weights(model).items())
+
+    model2, main2 = _bf16(seed=1)
+    assert not all(torch.equal(want[k], v) for k, v in _mains(main2).items())
+    round_trip(
+        tmp_path / "bf16",
+        TrainState({"model": MainParamsState(model, main)}),
+        TrainState({"model": MainParamsState(model2, main2)}),
+    )
+    assert_same(_mains(main2), want)
+    assert_same(_weights(model2), {k: v.to(torch.bfloat16) for k, v in want.items()})
+
+    # bf16 run -> fp32 run: the fp32 main values, not their bf16 rounding
+    fp32, _ = make(seed=2)
+    CheckpointManager(tmp_path / "bf16").load_latest(TrainState.of(fp32))
+    assert_same(_weights(fp32), want)
+
+    # fp32 run -> bf16 run: main == the fp32 weights exactly, the bf16 weights their rounding
+    src, _ = make(seed=3)
+    src_w = _weights(src)
+    model4, main4 = _bf16(seed=4)
+    round_trip(tmp_path / "fp32", TrainState.of(src), TrainState({"model": MainParamsState(model4, main4)}))
+    assert_same(_mains(main4), src_w)
+    assert_same(_weights(model4), {k: v.to(torch.bfloat16) for k, v in src_w.items()})
 
 
 # ---- TrainProgress -----------------------------------------------------------------------------------

@@ -27,15 +27,15 @@ SCRIPT = str(REPO_ROOT / "train_my_ddp.py")
 
 # Renaming or removing a flag breaks users' scripts and configs: change this list consciously.
 FLAG_SNAPSHOT = [
-    "adam_eps", "backend", "beta1", "beta2", "bucket_size", "check_for_nan_in_grad", "comm_hook", "compile",
-    "data_dir", "ddp_impl",
-    "debug", "device", "dpo_beta", "dtype", "eval_interval", "eval_iters", "grad_clip", "grad_reduce_in_fp32",
-    "gradient_accumulation_steps", "init_from", "keep_checkpoints", "learning_rate", "log_interval",
-    "lr_decay_iters", "max_iters", "max_nonfinite_steps", "max_seq_len", "min_lr", "model_config",
-    "optimizer_backend", "out_dir",
-    "overlap_grad_reduce", "overlap_optim_step", "powersgd_rank", "powersgd_start_iter", "resume", "run_name",
-    "save_interval", "seed", "sft_type", "task_type", "tokenizer_dir", "tracker", "train_batch_size",
-    "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
+    "adam_eps", "backend", "beta1", "beta2", "bucket_size", "check_for_nan_in_grad", "comm_hook",
+    "compile", "data_dir", "ddp_impl", "debug", "device", "dpo_beta", "dtype", "eval_interval",
+    "eval_iters", "grad_clip", "grad_reduce_in_fp32", "gradient_accumulation_steps", "hysteresis",
+    "init_from", "initial_loss_scale", "keep_checkpoints", "learning_rate", "log_interval",
+    "loss_scale_window", "lr_decay_iters", "max_iters", "max_nonfinite_steps", "max_seq_len",
+    "max_skipped_steps", "min_loss_scale", "min_lr", "model_config", "optimizer_backend", "out_dir",
+    "overlap_grad_reduce", "overlap_optim_step", "params_dtype", "powersgd_rank", "powersgd_start_iter",
+    "resume", "run_name", "save_interval", "seed", "sft_type", "task_type", "tokenizer_dir", "tracker",
+    "train_batch_size", "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
 ]  # fmt: skip
 
 
@@ -132,3 +132,53 @@ def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(text_corpus, tmp_
     assert got[0]["comm_bytes"] > 0 and got[-1]["comm_bytes"] == 0  # 2 ranks sync; 1 rank does not
     saved = json.loads((two / "config.json").read_text())
     assert saved["max_iters"] == 6 and saved["resume"] is True
+
+
+@pytest.mark.slow
+def test_torchrun_fp16_weights_skip_overflows_then_train(text_corpus, tmp_path):
+    """fp16 weights on 2 gloo ranks through the real launcher: a loss scale far too large overflows,
+    every rank skips those steps together and backs the scale off (--hysteresis=1: at once) until
+    gradients fit, then training proceeds; the run resumes on one process in bfloat16."""
+    tok, pretok = prepare_corpus(tmp_path, text_corpus, n_chars=66_000)
+    flags = [
+        f"--data_dir={pretok}",
+        f"--tokenizer_dir={tok}",
+        "--model_config=tiny",
+        "--max_seq_len=64",
+        "--train_batch_size=2",
+        "--gradient_accumulation_steps=2",
+        "--learning_rate=3e-3",
+        "--warmup_iters=1",
+        "--eval_interval=0",
+        "--log_interval=1",
+        "--seed=5",
+        "--valid_ratio=0.05",
+        "--params_dtype=float16",
+        "--dtype=float16",
+        f"--initial_loss_scale={2.0**24}",
+        "--hysteresis=1",
+    ]
+    run = tmp_path / "fp16"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    r = _run([*torchrun, *flags, f"--out_dir={run}", "--max_iters=14", "--lr_decay_iters=16"])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    recs = read_metrics(run)
+    skipped = [x.get("skipped", False) for x in recs]
+    first = skipped.index(False)
+    assert first >= 1 and not any(skipped[first:]), skipped  # overflows first, then every step applied
+    scales = [x["loss_scale"] for x in recs]
+    assert scales[: first + 1] == [2.0**24 / 2**i for i in range(first + 1)], scales  # halved per overflow
+    assert recs[-1]["loss"] < recs[first]["loss"], [x["loss"] for x in recs]
+    info = json.loads((run / "run_info.json").read_text())
+    assert (info["world_size"], info["params_dtype"], info["bytes_per_param"]["main_params"]) == (
+        2,
+        "float16",
+        4.0,
+    )
+
+    flags16 = ["--params_dtype=bfloat16", "--dtype=bfloat16", "--max_iters=16"]
+    r = _run([sys.executable, SCRIPT, "--resume", f"--out_dir={run}", *flags16])
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    assert "--params_dtype=float16 checkpoint with --params_dtype=bfloat16" in r.stderr
+    recs = read_metrics(run)
+    assert [x["step"] for x in recs] == list(range(1, 17)) and "loss_scale" not in recs[-1]

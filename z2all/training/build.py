@@ -3,10 +3,13 @@
 :func:`build_components` reads the tokenizer, datasets and model (fresh or ``--init_from``);
 :func:`build_trainer` wraps them, in this order, and restores a checkpoint::
 
-    model -> torch.compile (--compile) -> DataParallelModel (buffers, comm hook)
-          -> optimizer over what the wrapper exposes (none with --overlap_optim_step: the per-bucket
-             optimizers inside the hook are the optimizer's one home)
-          -> TrainState (model, optimizer, progress, scaler; RNG and comm hook per rank)
+    model -> 16-bit --params_dtype: its fp32 MainParams, taken before the cast to 16 bits
+          -> torch.compile (--compile) -> DataParallelModel (buffers, comm hook)
+          -> the optimizer wrapper (optimizer/) over what the DDP exposes, with the inner optimizer
+             from Components.make_optimizer and the fp16 loss scaler (none with
+             --overlap_optim_step: the per-bucket optimizers inside the hook are its one home)
+          -> TrainState (model = fp32 weights or main params, optimizer, progress, scaler; RNG and
+             comm hook per rank)
           -> --resume: the resume rules (z2all.training.resume), then CheckpointManager.load_latest
           -> config.json (only once the load succeeded), metrics, tracker -> Trainer
 
@@ -21,6 +24,7 @@ never targets). With ``--init_from`` the model and its config come from that run
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from optimizer import build_adamw, weight_decay_param_groups
+from optimizer import (
+    DynamicGradScaler,
+    Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
+    MainParams,
+    MixedPrecisionOptimizer,
+    adamw_factory,
+    weight_decay_param_groups,
+)
 from z2all.data.dpo_dataset import DPODataset
 from z2all.data.pretrain_dataset import PretokDatasetWithIndex
 from z2all.data.sft_dataset import SFTDataset
@@ -48,7 +60,15 @@ from z2all.training.parallelize import DataParallelModel
 from z2all.training.resume import ResumeRules, check_fresh_out_dir, run_facts
 from z2all.training.rng_state import rank_seed, seed_all
 from z2all.training.runtime import Runtime
-from z2all.training.state import ModelState, OptimizerState, RNGState, ScalerState, TrainProgress, TrainState
+from z2all.training.state import (
+    LossScalerState,
+    MainParamsState,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    TrainProgress,
+    TrainState,
+)
 from z2all.training.tasks import DPOTask, PretrainTask, SFTTask
 from z2all.training.trackers import build_tracker
 
@@ -166,25 +186,56 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[nn.Module, Any]:
     return model.float().train(), mc
 
 
-def _adamw(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    return build_adamw(
-        groups,
-        lr=cfg.learning_rate,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-        backend=cfg.optimizer_backend,
-    )
-
-
 def optimizer_factory(cfg: TrainConfig) -> MakeOptimizer:
     """AdamW over the given parameters, with the run's groups and hyper-parameters: for the whole
-    model, or for one DDP bucket with --overlap_optim_step."""
+    model, or for one DDP bucket with --overlap_optim_step (the inner optimizer of the wrapper)."""
+    opt_cfg = cfg.optimizer_config()
+    adamw = adamw_factory(opt_cfg)
 
     def make(named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return _adamw(cfg, weight_decay_param_groups([p for _, p in named_params], cfg.weight_decay))
+        params = [p for _, p in named_params]
+        return adamw(weight_decay_param_groups(params, opt_cfg.weight_decay, opt_cfg.decay_ndim_min))
 
     return make
+
+
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main_params_of(cfg: TrainConfig, model: nn.Module) -> MainParams | None:
+    """With 16-bit --params_dtype: the fp32 main copies of the trainable weights, taken while they are
+    still fp32 (a fresh init or an fp32 checkpoint loses nothing), then the model is cast. None in fp32."""
+    if cfg.params_dtype == "float32":
+        return None
+    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
+    main = MainParams(named)
+    model.to(PARAMS_DTYPES[cfg.params_dtype])
+    return main
+
+
+def wrap_optimizer(
+    cfg: TrainConfig,
+    make_optimizer: MakeOptimizer,
+    named_params: list[tuple[str, nn.Parameter]],
+    main: MainParams | None,
+    grad_scaler: DynamicGradScaler | None,
+    grad_of=None,
+    grad_clip: float | None = None,
+) -> MixedPrecisionOptimizer:
+    """The optimizer wrapper over ``named_params`` (optimizer/): ``FP32Optimizer`` for fp32 weights,
+    ``Float16OptimizerWithFloat16Params`` over ``main``'s copies for 16-bit ones; the inner optimizer
+    is ``make_optimizer`` of the parameters it steps (the fp32 main copies, under the model's names)."""
+    opt_cfg = cfg.optimizer_config()
+    if grad_clip is not None:
+        opt_cfg = dataclasses.replace(opt_cfg, grad_clip=grad_clip)
+    params = [p for _, p in named_params]
+    kw = dict(grad_scaler=grad_scaler, grad_of=grad_of)
+    if main is None:
+        return FP32Optimizer(params, opt_cfg, inner_factory=lambda _: make_optimizer(named_params), **kw)
+    named_main = [(n, main.of(p)) for n, p in named_params]
+    return Float16OptimizerWithFloat16Params(
+        params, opt_cfg, inner_factory=lambda _: make_optimizer(named_main), main_params=main, **kw
+    )
 
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
@@ -305,21 +356,37 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
     # From here on each rank has its own streams (dropout differs across ranks, as in torch DDP).
     seed_all(rank_seed(cfg.seed, rt.rank))
 
+    main = main_params_of(cfg, comp.model)  # 16-bit weights: fp32 main copies first, then the cast
+    if main is not None and comp.ref_model is not None:
+        comp.ref_model.to(PARAMS_DTYPES[cfg.params_dtype])  # DPO's reference computes like the policy
     run_model = torch.compile(comp.model) if cfg.compile else comp.model
-    dp = DataParallelModel(
-        run_model,
-        cfg,
-        rt.device,
-        make_bucket_optimizer=comp.make_optimizer if cfg.overlap_optim_step else None,
-    )
-    optimizer = None if dp.steps_optimizer else comp.make_optimizer(dp.named_trainable_parameters())
-    # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's exponent range.
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.dtype == "float16")
+    make_bucket_optimizer = None
+    if cfg.overlap_optim_step:
+        # fp32: the plain inner optimizer per bucket; bf16: a wrapper per bucket over the shared main
+        # copies (no clipping, no scaler: both are refused with the overlapped step)
+        def make_bucket_optimizer(named_params):
+            if main is None:
+                return comp.make_optimizer(named_params)
+            return wrap_optimizer(cfg, comp.make_optimizer, named_params, main, None, grad_clip=0.0)
+
+    dp = DataParallelModel(run_model, cfg, rt.device, make_bucket_optimizer=make_bucket_optimizer)
+    # fp16 (autocast or weights) needs loss scaling to keep small gradients representable; bf16 has
+    # fp32's exponent range. One scaler, owned by the optimizer wrapper.
+    scaler = None
+    if cfg.dtype == "float16":
+        scaler = DynamicGradScaler.from_config(cfg.optimizer_config(), rt.device)
+    optimizer = None
+    if not dp.steps_optimizer:
+        named = dp.named_trainable_parameters()
+        optimizer = wrap_optimizer(cfg, comp.make_optimizer, named, main, scaler, grad_of=dp.grad_of)
     progress = TrainProgress()
-    shared: dict[str, Any] = {"model": ModelState(comp.model)}
+    # The checkpoint's model entry is the truth: the fp32 main copies for 16-bit weights (named like
+    # the weights, so any --params_dtype loads it), the weights themselves in fp32.
+    model_state = ModelState(comp.model) if main is None else MainParamsState(comp.model, main)
+    shared: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
-        shared["optim"] = OptimizerState(comp.model, optimizer)
-    shared.update(progress=progress, scaler=ScalerState(scaler))
+        shared["optim"] = OptimizerState(comp.model if main is None else main.module, optimizer.optimizer)
+    shared.update(progress=progress, scaler=LossScalerState(scaler))
     state = TrainState(shared, per_rank={"rng": RNGState(), "comm": dp})
 
     checkpoints = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints, seed=cfg.seed)
@@ -346,7 +413,8 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
         raise RuntimeError(f"rank {rt.rank}: rank 0 could not set up {cfg.out_dir} (see its error)")
     info = dict(comp.info)
     if optimizer is not None:
-        info.setdefault("optimizer_backend", getattr(optimizer, "z2all_backend", type(optimizer).__name__))
+        inner = optimizer.optimizer
+        info.setdefault("optimizer_backend", getattr(inner, "z2all_backend", type(inner).__name__))
     parts = TrainerParts(
         cfg=cfg,
         rt=rt,
@@ -354,7 +422,7 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
         run_model=run_model,
         dp=dp,
         optimizer=optimizer,
-        scaler=scaler,
+        main_params=main,
         task=comp.task,
         train_data=comp.train_data,
         val_data=comp.val_data,

@@ -23,12 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from optimizer import OptimizerConfig
 from z2all.atomic import atomic_write_json
 from z2all.cli_args import parse_bool
 
 
 class ConfigError(ValueError):
     """A bad flag, value or config file; the message names the culprit."""
+
+
+# OptimizerConfig fields whose flag has another name
+_OPTIMIZER_FLAGS = {"lr": "learning_rate", "eps": "adam_eps", "backend": "optimizer_backend"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,17 @@ class TrainConfig:
     max_nonfinite_steps: int = 0
     """Steps in a row whose loss or gradient norm is NaN/Inf that are skipped (not applied) before the
     run stops with exit code 3; 0: the first one stops it. float16 loss-scaler overflows do not count."""
+    initial_loss_scale: float = 65536.0
+    """float16 only: the dynamic loss scale's starting value (2**16)."""
+    loss_scale_window: int = 1000
+    """float16 only: the loss scale doubles after this many consecutive steps without an overflow."""
+    hysteresis: int = 2
+    """float16 only: overflowing steps skipped before the loss scale halves (Megatron's hysteresis)."""
+    min_loss_scale: float = 1.0
+    """float16 only: the loss scale never goes below this; an overflow that would need it stops the run."""
+    max_skipped_steps: int = 100
+    """float16 only: loss-scale overflows in a row (each skipped) after which the run stops with exit
+    code 3, whatever the scale: gradients that overflow this long will not recover."""
     train_batch_size: int = 8
     """Micro-batch size: sequences per forward/backward on one rank."""
     gradient_accumulation_steps: int = 1
@@ -91,7 +107,11 @@ class TrainConfig:
 
     # ---- numerics and device ----------------------------------------------------------------------
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Autocast dtype of forward/backward (weights and optimizer stay fp32); float16 uses a loss scaler."""
+    """Compute dtype of forward/backward. With --params_dtype=float32: torch autocast over fp32 weights;
+    otherwise it must equal --params_dtype. float16 uses the dynamic loss scaler."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the weights in the DDP buffers. bfloat16/float16: the model computes in it and the
+    optimizer steps fp32 main copies (optimizer.Float16OptimizerWithFloat16Params; docs/optimizer.md)."""
     device: Literal["cpu", "cuda"] = "cpu"
     """cpu or cuda (each rank takes cuda:LOCAL_RANK)."""
     compile: bool = False
@@ -171,6 +191,9 @@ class TrainConfig:
             "lr_decay_iters",
             "bucket_size",
             "powersgd_rank",
+            "loss_scale_window",
+            "hysteresis",
+            "max_skipped_steps",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -211,8 +234,23 @@ class TrainConfig:
             )
         if self.dpo_beta <= 0:
             raise ConfigError(f"--dpo_beta must be > 0, got {self.dpo_beta}")
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ConfigError("--dtype=float16 needs --device=cuda (CPU autocast supports bfloat16 only)")
+        if self.params_dtype != "float32" and self.dtype != self.params_dtype:
+            raise ConfigError(
+                f"--params_dtype={self.params_dtype} computes in {self.params_dtype}: --dtype={self.dtype} "
+                f"must be --dtype={self.params_dtype} (16-bit weights are not autocast)"
+            )
+        if self.params_dtype != "float32" and self.ddp_impl == "torch":
+            raise ConfigError(
+                f"--params_dtype={self.params_dtype} needs --ddp_impl=z2all: its buffers hold the 16-bit "
+                "weights and the fp32 gradients the optimizer reads (torch DDP keeps gradients in the "
+                "weights' dtype); use --ddp_impl=z2all, or --params_dtype=float32 with --dtype for autocast"
+            )
+        try:
+            self.optimizer_config()
+        except ValueError as e:  # OptimizerConfig's own checks, in flag names
+            where, _, why = str(e).partition(": ")  # "OptimizerConfig.<field>=<value>: <why>"
+            field, _, value = where.removeprefix("OptimizerConfig.").partition("=")
+            raise ConfigError(f"--{_OPTIMIZER_FLAGS.get(field, field)}={value} {why}") from None
         if self.tracker != "none":
             package = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}[self.tracker]
             if importlib.util.find_spec(package) is None:
@@ -238,6 +276,22 @@ class TrainConfig:
             raise ConfigError("--overlap_optim_step cannot clip by the global norm: set --grad_clip=0")
         if self.overlap_optim_step and self.dtype == "float16":
             raise ConfigError("--overlap_optim_step does not support the float16 loss scaler: use bfloat16")
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The optimizer wrapper's settings (optimizer.OptimizerConfig) from the flags."""
+        return OptimizerConfig(
+            lr=self.learning_rate,
+            weight_decay=self.weight_decay,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.adam_eps,
+            backend=self.optimizer_backend,
+            grad_clip=self.grad_clip,
+            initial_loss_scale=self.initial_loss_scale,
+            loss_scale_window=self.loss_scale_window,
+            hysteresis=self.hysteresis,
+            min_loss_scale=self.min_loss_scale,
+        )
 
     def check_world_size(self, world_size: int) -> None:
         """Global accumulation steps are dealt round-robin to ranks, so they must divide evenly."""

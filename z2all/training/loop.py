@@ -15,6 +15,11 @@ then averages gradients over the W ranks, giving ``(1/W) * sum_r sum_{j in r} gr
 (1/G) * sum_j grad l_j``: the gradient of the step loss ``L = mean_j l_j`` for every W. The logged
 ``loss`` is that same ``L``, all-reduced over ranks.
 
+The optimizer is a wrapper of optimizer/ (``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params``
+with 16-bit weights): it reads the DDP's averaged gradients, owns the fp16 loss scaler (``scale_loss``
+before backward; an overflow anywhere skips the step on every rank, ``skipped: true`` in metrics),
+clips by the global norm and steps.
+
 A step whose loss or gradient norm is NaN/Inf is never applied, and more than
 ``--max_nonfinite_steps`` of them in a row raise :class:`NonFiniteStepError`. The decision is taken
 from all-reduced numbers, so every rank skips, continues or raises at the same step and none is left
@@ -42,6 +47,7 @@ import torch
 from torch import nn
 
 import z2all
+from optimizer import LossScaleUnderflowError, MainParams, MixedPrecisionOptimizer
 from parallel import NonFiniteGradError
 from z2all.data.sampler import GlobalBatchSampler
 from z2all.model import estimate_mfu, kernels, peak_flops_for
@@ -85,9 +91,11 @@ class TrainerParts:
     """What evaluation calls: the model, or its torch.compile wrapper."""
     dp: DataParallelModel
     """The data-parallel wrapper training calls; its hook may own the optimizer (``dp.steps_optimizer``)."""
-    optimizer: torch.optim.Optimizer | None
-    """The main optimizer, or None when the per-bucket optimizers inside ``dp`` are the optimizer."""
-    scaler: torch.amp.GradScaler
+    optimizer: MixedPrecisionOptimizer | None
+    """The optimizer wrapper (optimizer/: it owns the fp16 loss scaler), or None when the per-bucket
+    optimizers inside ``dp`` are the optimizer."""
+    main_params: MainParams | None
+    """The fp32 main copies of 16-bit weights (--params_dtype), or None in fp32."""
     task: Any
     train_data: Any
     val_data: Any
@@ -113,6 +121,8 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.params_dtype != "float32":
+        return contextlib.nullcontext()  # 16-bit weights: the model computes in their dtype
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
@@ -143,15 +153,19 @@ class Trainer:
         )
         self.autocast = _autocast(cfg, rt.device)
         self.params = [p for p in parts.model.parameters() if p.requires_grad]
+        self._measure_memory = True  # on this process's first step (run_info.json's bytes_per_param)
+        self.held_bytes: dict[str, int] | None = None
 
     # ---- one step -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
         p, cfg = self.p, self.cfg
-        dp, task, scaler = p.dp, p.task, p.scaler
+        dp, task, opt = p.dp, p.task, p.optimizer
         lr = self.schedule.lr_at(step)
-        if p.optimizer is not None:
-            set_lr(p.optimizer, lr)
+        if opt is not None:
+            set_lr(opt, lr)
         dp.set_lr(lr)
+        scaler_on = opt is not None and opt.grad_scaler is not None
+        loss_scale = float(opt.get_loss_scale()) if scaler_on else None  # what this step's backward uses
         ids = self.sampler.step_indices(step)  # this rank's G/W micro-batches of sample indices
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         stat_sums: dict[str, torch.Tensor] = {}
@@ -164,67 +178,99 @@ class Trainer:
                 with self.autocast:
                     res = task.micro_loss(dp, batch, p.ref_model)
                 # l_j / (G/W): see the module docstring for why this makes W ranks == 1 rank.
-                scaler.scale(res.loss / len(ids)).backward()
+                micro = res.loss / len(ids)
+                (opt.scale_loss(micro) if opt is not None else micro).backward()
             loss_sum += res.loss.detach().double()
             for k, v in res.stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + v.double()
             n_tokens += res.n_tokens
         # A loss scaler's overflow is routine: it skips the step, --check_for_nan_in_grad does not raise.
         try:
-            dp.finish_grad_sync(allow_nonfinite=scaler.is_enabled())
+            dp.finish_grad_sync(allow_nonfinite=scaler_on)
         except NonFiniteGradError as e:
             # --check_for_nan_in_grad raises on every rank together; it is a non-finite stop like the
             # one below, with its exit code.
             raise NonFiniteStepError(f"step {step + 1}: {e}") from e
-        # invariant: every param.grad holds the all-rank average of the step gradient (still scaled in fp16)
-        if dp.steps_optimizer:
-            # --overlap_optim_step: each bucket's optimizer already stepped inside its comm hook (no
-            # clipping possible, validated in the config); the norm is of the averaged gradient.
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, math.inf)
-        else:
-            scaler.unscale_(p.optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # invariant: dp.grad_of(param) is the all-rank average of the step gradient (scaled in fp16)
 
-        # One all-reduce (and one host read) carries the step's sums and the "gradient non-finite"
-        # flag, BEFORE the optimizer step: whether to apply the step is then decided from the same
-        # numbers on every rank, so all ranks skip, continue or raise together.
+        # One all-reduce (and one host read) carries the step's sums BEFORE the optimizer step: a
+        # non-finite loss is then known on every rank alike, and the step is not taken.
         keys = sorted(stat_sums)
         packed = torch.stack(
-            [
-                loss_sum,
-                torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device),
-                (~torch.isfinite(grad_norm)).double(),
-            ]
+            [loss_sum, torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)]
             + [stat_sums[k] for k in keys]
         )
         sums = all_reduce_sum_(packed).tolist()
-        g = cfg.gradient_accumulation_steps
-        loss_bad, grad_bad = not math.isfinite(sums[0]), sums[2] > 0
+        loss_bad = not math.isfinite(sums[0])
         overflow = False
-        if not dp.steps_optimizer:
-            # A non-finite step is never applied. In float16 the scaler's unscale_ has recorded the
-            # overflow, so update() still backs the scale off; a scale that went down marks a routine
-            # overflow, which is not counted. A non-finite *loss* is (the loss is computed before any
-            # scaling, so the scaler cannot be its cause).
-            scale = scaler.get_scale()  # 1.0 when the scaler is disabled
-            if not (loss_bad or grad_bad):
-                scaler.step(p.optimizer)
-            scaler.update()
-            overflow = grad_bad and scaler.get_scale() < scale
+        if dp.steps_optimizer:
+            # --overlap_optim_step: each bucket's optimizer already stepped inside its comm hook (no
+            # clipping possible, validated in the config); the norm is of the averaged gradient.
+            grad_norm = self._grad_norm()
+        elif loss_bad:
+            # Never applied, and not the scaler's business: the loss is computed before any scaling.
+            grad_norm = self._grad_norm() / (loss_scale or 1.0)
+        else:
+            # The wrapper decides on every rank alike: an fp16 overflow (one all-reduced flag) skips the
+            # step and backs the scale off; a non-finite norm (bf16/fp32) skips it. Either way nothing
+            # moves but the scaler.
+            try:
+                stepped, norm, _ = opt.step()
+            except LossScaleUnderflowError as e:
+                raise NonFiniteStepError(f"step {step + 1}: {e}") from e
+            overflow = not stepped and norm is None
+            grad_norm = math.nan if norm is None else norm
+        grad_bad = not math.isfinite(grad_norm) and not overflow
+        if self._measure_memory:
+            self.held_bytes = self._held_bytes()  # the step's state is all alive here (run_info.json)
+            self._measure_memory = False
+        if opt is not None:
+            opt.zero_grad()
         dp.zero_grad()
 
-        rec: dict[str, Any] = {
-            "step": step + 1,
-            "loss": sums[0] / g,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-        }
+        g = cfg.gradient_accumulation_steps
+        rec: dict[str, Any] = {"step": step + 1, "loss": sums[0] / g, "lr": lr, "grad_norm": grad_norm}
+        if loss_scale is not None:
+            rec["loss_scale"] = loss_scale
+        if overflow or ((loss_bad or grad_bad) and not dp.steps_optimizer):
+            rec["skipped"] = True  # not applied: a loss-scale overflow, or a non-finite loss / norm
         rec["_tokens"] = int(sums[1])
-        rec["_nonfinite"] = loss_bad or (grad_bad and not overflow)
+        rec["_nonfinite"] = loss_bad or grad_bad
+        rec["_overflow"] = overflow
         for i, k in enumerate(keys):
-            rec[k] = sums[3 + i] / g
+            rec[k] = sums[2 + i] / g
         return rec
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the averaged gradients (equal on every rank after the sync)."""
+        grads = [g for g in map(self.p.dp.grad_of, self.params) if g is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the weights, gradients, fp32 main copies and optimizer state,
+        measured from the tensors (distinct storages; DDP buffers with their padding)."""
+        p = self.p
+
+        def storage_bytes(tensors) -> int:
+            seen = {}
+            for t in tensors:
+                if t is not None:
+                    st = t.untyped_storage()
+                    seen[(st.data_ptr(), t.device)] = st.nbytes()
+            return sum(seen.values())
+
+        params = list(p.model.parameters())
+        # what the optimizer reads: z2all DDP's grad buffers, else each .grad (torch DDP's own bucket
+        # copies are internal to it and not counted; neither are the step's transient fp32 copies)
+        grads = [p.dp.grad_of(w) for w in params]
+        optimizers = [p.optimizer] if p.optimizer is not None else list(p.dp.bucket_optimizers())
+        state = [v for o in optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
+        return {
+            "params": storage_bytes(params),
+            "grads": storage_bytes(grads),
+            "main_params": p.main_params.nbytes() if p.main_params is not None else 0,
+            "optimizer_state": storage_bytes(state),
+        }
 
     # ---- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,6 +317,7 @@ class Trainer:
             logger.info("nothing to do: checkpoint step %d >= --max_iters=%d", start_step, cfg.max_iters)
         step_seconds = 0.0
         nonfinite_streak = 0  # consecutive non-finite steps (each skipped, not applied)
+        overflow_streak = 0  # consecutive fp16 loss-scale overflows (each skipped)
         for step in range(start_step, cfg.max_iters):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -289,6 +336,12 @@ class Trainer:
             done = step + 1
             last = done == cfg.max_iters
             nonfinite_streak = nonfinite_streak + 1 if rec.pop("_nonfinite") else 0
+            overflow_streak = overflow_streak + 1 if rec.pop("_overflow") else 0
+            if overflow_streak > cfg.max_skipped_steps:
+                history.append(rec)
+                if rank == 0:
+                    p.metrics.write(rec)
+                raise self._overflow_stop(rec, overflow_streak)
             if nonfinite_streak > cfg.max_nonfinite_steps:
                 history.append(rec)
                 if rank == 0:
@@ -343,6 +396,16 @@ class Trainer:
             f"saved: {newest}. Lower --learning_rate and --resume"
         )
 
+    def _overflow_stop(self, rec: dict[str, Any], streak: int) -> NonFiniteStepError:
+        saved = list_checkpoints(self.cfg.out_dir)
+        newest = f"the newest checkpoint is {saved[0][1]}" if saved else "there is no checkpoint yet"
+        return NonFiniteStepError(
+            f"step {rec['step']}: float16 gradients overflowed in {streak} steps in a row (each skipped; "
+            f"--max_skipped_steps={self.cfg.max_skipped_steps}), at loss scale {rec.get('loss_scale')}; "
+            f"nothing was saved: {newest}. Lower --learning_rate or --initial_loss_scale, or train in "
+            "bfloat16 (--dtype, --params_dtype), and --resume"
+        )
+
     def _mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation on GPU (None on CPU or an unknown GPU): achieved / (world x peak)."""
         if self.device.type != "cuda" or self.p.model_config is None:
@@ -355,7 +418,9 @@ class Trainer:
 
     def _run_info(self) -> dict[str, Any]:
         p, cfg, device = self.p, self.cfg, self.device
-        optimizers = [p.optimizer] if p.optimizer is not None else []
+        n_params = sum(t.numel() for t in p.model.parameters())
+        held = dict(self.held_bytes or {})
+        held["total"] = sum(held.values())
         info: dict[str, Any] = {
             "world_size": self.world,
             "ddp_impl": cfg.ddp_impl,  # as requested
@@ -365,9 +430,12 @@ class Trainer:
             "overlap_grad_reduce": cfg.overlap_grad_reduce,
             "use_distributed_optimizer": False,
             "task_type": cfg.task_type,
-            "num_params": sum(t.numel() for t in p.model.parameters()),
-            "optimizer_state_bytes_per_rank": sum(_optimizer_state_bytes(o) for o in optimizers)
-            + p.dp.overlap_optimizer_state_bytes(),
+            "num_params": n_params,
+            "optimizer_state_bytes_per_rank": held.get("optimizer_state", 0),
+            # measured on this process's first step (Trainer._held_bytes), per model parameter
+            "bytes_per_param": {k: round(v / n_params, 3) for k, v in held.items()},
+            "params_dtype": cfg.params_dtype,
+            "dtype": cfg.dtype,
             "overlap_optim_step": p.dp.steps_optimizer,
             "optimizer": type(p.optimizer).__name__ if p.optimizer is not None else "per-bucket",
             "torch_version": torch.__version__,
@@ -383,15 +451,6 @@ class Trainer:
             info["model_config"] = p.model_config.to_dict()
         info.update(p.info or {})
         return info
-
-
-def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size()
-        for s in optimizer.state.values()
-        for v in s.values()
-        if torch.is_tensor(v)
-    )
 
 
 def _peak_memory_gb(device: torch.device) -> float:

@@ -2,7 +2,9 @@
 
 :class:`DataParallelModel` gives the loop one interface over three cases:
 
-- world size 1, no process group: the bare module; no communication.
+- world size 1: the bare module; no communication. With 16-bit ``--params_dtype`` the z2all DDP
+  wraps it on one rank too (its buffers hold the 16-bit weights and the fp32 ``main_grad`` the
+  optimizer wrapper reads through :meth:`DataParallelModel.grad_of`); the runtime made a one-rank group.
 - ``--ddp_impl=torch``: ``torch.nn.parallel.DistributedDataParallel`` on its own default path (its C++
   all-reduce, no Python hook) unless ``--comm_hook`` asks for one; its ``comm_bytes`` are then
   computed from the gradient sizes (every synced step all-reduces every trainable gradient).
@@ -119,13 +121,22 @@ class DataParallelModel:
         self._lr = None
         self._layout: list = []
         self._restored = False  # whether load_state_dict restored the hook state (else start_at warns)
+        self._unused_cache = None  # (DDP's unused_params list, as a set)
         self._not_restored_why = "the checkpoint holds no PowerSGD state"
         self.wrapped: nn.Module = module
         self.world = 1
         self._bucket_size = cfg.bucket_size
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        self._half_params = getattr(cfg, "params_dtype", "float32") != "float32"
+        grouped = dist.is_available() and dist.is_initialized()
+        if not grouped or dist.get_world_size() == 1:
             if cfg.comm_hook != "allreduce":
                 logger.info("world size 1: --comm_hook=%s has nothing to compress", cfg.comm_hook)
+            if self._half_params:
+                # 16-bit weights: the buffers (fp32 gradients beside the weights) on one rank too
+                if not grouped:
+                    raise ValueError("16-bit --params_dtype needs a process group (distributed_runtime)")
+                self.impl = "z2all"
+                self._wrap_z2all(cfg, None, single=True)
             return
         self.world = dist.get_world_size()
         self.impl = cfg.ddp_impl
@@ -180,9 +191,12 @@ class DataParallelModel:
                 p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad
             )
 
-    def _wrap_z2all(self, cfg, make_bucket_optimizer) -> None:
+    def _wrap_z2all(self, cfg, make_bucket_optimizer, single: bool = False) -> None:
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+            # the optimizer wrapper reads the fp32 main_grad (grad_of): no 16-bit copy of it in .grad,
+            # except for the overlapped step, whose bucket optimizers tell used from unused by .grad
+            param_grad_copies=not self._half_params or (cfg.overlap_optim_step and not single),
             overlap_grad_reduce=cfg.overlap_grad_reduce,
             bucket_size=cfg.bucket_size,
             check_for_nan_in_grad=cfg.check_for_nan_in_grad,
@@ -190,6 +204,8 @@ class DataParallelModel:
         # Under --compile the DDP reports the model's own names (it drops `_orig_mod.` itself).
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)
         self._layout = self.wrapped.bucket_layout()
+        if single:  # one rank: nothing to compress, no bucket to step early
+            return
         hook, hook_state = None, None  # None: the DDP's built-in averaging all-reduce
         if cfg.comm_hook == "powersgd":
             ps_cfg = PowerSGDConfig(
@@ -277,6 +293,33 @@ class DataParallelModel:
         """``(model's own name, parameter)`` of what the optimizer steps, in registration order."""
         return [(param_name(n), p) for n, p in self.module.named_parameters() if p.requires_grad]
 
+    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        """``param``'s averaged gradient after :meth:`finish_grad_sync`, or None when no rank used it:
+        z2all DDP's ``main_grad`` (fp32 with --grad_reduce_in_fp32, whatever the weights' dtype), else
+        ``param.grad``. What the optimizer wrapper steps (its ``grad_of``)."""
+        if self.impl == "z2all":
+            return None if param in self._unused() else param.main_grad
+        return param.grad
+
+    def _unused(self) -> set:
+        unused = self.wrapped.unused_params
+        if not unused:
+            return set()
+        if self._unused_cache is None or self._unused_cache[0] is not unused:
+            self._unused_cache = (unused, set(unused))
+        return self._unused_cache[1]
+
+    def param_buffer_bytes(self) -> tuple[int, int] | None:
+        """(bytes of the weight buffers, bytes of the gradient buffers) of z2all DDP, padding included;
+        None without its buffers."""
+        if self.impl != "z2all":
+            return None
+        bufs = self.wrapped.param_and_grad_buffers
+        return (
+            sum(b.param_data.numel() * b.param_data.element_size() for b in bufs),
+            sum(b.grad_data.numel() * b.grad_data.element_size() for b in bufs),
+        )
+
     @property
     def steps_optimizer(self) -> bool:
         """True when the comm hook runs the optimizer step itself (--overlap_optim_step)."""
@@ -288,16 +331,9 @@ class DataParallelModel:
         if self._overlap is not None:
             self._overlap.set_lr(lr)
 
-    def overlap_optimizer_state_bytes(self) -> int:
-        if self._overlap is None:
-            return 0
-        return sum(
-            v.numel() * v.element_size()
-            for opt in self._overlap.optimizers.values()
-            for st in opt.state.values()
-            for v in st.values()
-            if torch.is_tensor(v)
-        )
+    def bucket_optimizers(self) -> list:
+        """The per-bucket optimizers of --overlap_optim_step built so far (none otherwise)."""
+        return list(self._overlap.optimizers.values()) if self._overlap is not None else []
 
     # ---- the per-step protocol ----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):

@@ -11,6 +11,8 @@ The rules:
 - frozen settings (:data:`FROZEN_ON_RESUME`): the weights and the data position only mean something
   for the same task, model shape and tokenizer;
 - the tokenizer's fingerprint: the same files, not just the same folder name;
+- ``--params_dtype`` may change (the checkpoint's weights are fp32 either way, logged), except under
+  ``--overlap_optim_step``, whose per-bucket optimizer state differs between fp32 and 16-bit buckets;
 - the optimizer's home: AdamW moments live in the main optimizer (DCP state, any world size) or, with
   ``--overlap_optim_step``, in per-bucket optimizers inside each rank's comm-hook state, which fit only
   the same world size and the same buckets; moving between the two would silently restart them.
@@ -84,6 +86,7 @@ def run_facts(cfg: TrainConfig, world: int, tokenizer_fingerprint: str | None) -
         "ddp_impl": cfg.ddp_impl,
         "task_type": cfg.task_type,
         "tokenizer_fingerprint": tokenizer_fingerprint,
+        "params_dtype": cfg.params_dtype,
     }
 
 
@@ -144,6 +147,23 @@ class ResumeRules:
                 f"cannot resume: the checkpoint's optimizer state was kept with overlap_optim_step="
                 f"{saved_overlap} on world size {saved_world}, this run has overlap_optim_step={now_overlap} "
                 f"on world size {self.world}; resume with the saved setting and world size ({ckpt_dir})"
+            )
+        saved_dtype = run.get("params_dtype", "float32")  # checkpoints before --params_dtype: fp32
+        if saved_dtype != self.cfg.params_dtype:
+            if now_overlap:
+                raise ConfigError(
+                    f"cannot resume --overlap_optim_step with --params_dtype={self.cfg.params_dtype}: its "
+                    f"per-bucket optimizer state was saved with --params_dtype={saved_dtype} (fp32 buckets "
+                    f"hold plain AdamW state, 16-bit ones main-param wrappers); resume with the saved "
+                    f"--params_dtype ({ckpt_dir})"
+                )
+            logger.info(
+                "resuming a --params_dtype=%s checkpoint with --params_dtype=%s: its fp32 weights (main "
+                "params) are the truth, the %s weights become their rounding (%s)",
+                saved_dtype,
+                self.cfg.params_dtype,
+                self.cfg.params_dtype,
+                ckpt_dir,
             )
         saved_bucket = run.get("bucket_size")
         if now_overlap and saved_bucket is not None and saved_bucket != self.cfg.bucket_size:

@@ -26,16 +26,24 @@ class Runtime:
 
 @contextmanager
 def distributed_runtime(cfg: TrainConfig) -> Iterator[Runtime]:
-    """Join torchrun's process group (gloo or NCCL per ``--backend``) unless one exists, pick the
-    device (``cuda:LOCAL_RANK``), check the world size against the config; destroy the group on exit
-    if this context created it."""
+    """Join torchrun's process group (gloo or NCCL per ``--backend``) unless one exists (on one
+    process with 16-bit ``--params_dtype``: a one-rank group, see below), pick the device
+    (``cuda:LOCAL_RANK``), check the world size against the config; destroy the group on exit if this
+    context created it."""
     created = False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_world_size(world)  # before joining: every rank refuses alike, nobody waits
     try:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.device == "cuda" else "gloo")
         if world > 1 and not dist.is_initialized():
-            backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.device == "cuda" else "gloo")
             dist.init_process_group(backend)
+            created = True
+        elif cfg.params_dtype != "float32" and not dist.is_initialized():
+            # 16-bit weights live in the z2all DDP's buffers, fp32 gradients beside them, on one process
+            # too (the same code path as W ranks): a one-rank group over an in-process store.
+            if cfg.device == "cuda" and torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             created = True
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1

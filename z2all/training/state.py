@@ -5,7 +5,9 @@ manager (:mod:`z2all.training.checkpoint`) asks each one for its state and hands
 it knows no component's fields, and no component knows the file layout. :class:`TrainState` sorts
 them in two kinds:
 
-- ``shared``: equal on every rank (model, optimizer, progress, loss scaler). Saved once through DCP
+- ``shared``: equal on every rank (model, optimizer, progress, loss scaler). With 16-bit weights the
+  model entry is the fp32 main copies (:class:`MainParamsState`) and the optimizer entry the inner
+  AdamW over them, in the same layout as an fp32 run's. Saved once through DCP
   under the component's name, replicated entries deduplicated across ranks, so any world size loads
   them. ZeRO-1's sharded optimizer state plugs in here: DCP writes each rank's shard.
 - ``per_rank``: this rank's own (every RNG stream, the comm-hook state of the data-parallel wrapper).
@@ -31,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from optimizer import DynamicGradScaler, MainParams
 from parallel import unwrap_model
 from z2all.training.checkpoint_io import model_config_dict
 from z2all.training.rng_state import get_rng_state, set_rng_state
@@ -61,6 +64,27 @@ class ModelState:
         return model_config_dict(self.module)
 
 
+class MainParamsState(ModelState):
+    """A 16-bit run's model entry: the fp32 main copies (optimizer.MainParams) under the model's own
+    names, so the checkpoint has exactly the keys, shapes and dtype of an fp32 run's and loads into a
+    run of any ``--params_dtype``. The 16-bit weights are not saved: they are the copies' rounding,
+    restored by ``load_state_dict``. The model must keep no state beyond its parameters."""
+
+    def __init__(self, model: nn.Module, main: MainParams):
+        super().__init__(model)
+        self.main = main
+        extra = sorted(set(get_model_state_dict(self.module)) - set(get_model_state_dict(main.module)))
+        if extra:
+            raise ValueError(f"16-bit params: the model holds state besides trainable weights: {extra[:4]}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.main.module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.main.module, state_dict)
+        self.main.copy_to_model()
+
+
 class OptimizerState:
     """A ``torch.optim.Optimizer`` over the model's parameters, keyed by parameter name."""
 
@@ -86,19 +110,19 @@ class OptimizerState:
         set_optimizer_state_dict(self.module, self.optimizer, state_dict)
 
 
-class ScalerState:
-    """The fp16 loss scaler (``torch.amp.GradScaler``); empty when disabled (bf16/fp32 runs)."""
+class LossScalerState:
+    """The fp16 dynamic loss scaler (optimizer.DynamicGradScaler); empty without one (bf16/fp32)."""
 
-    def __init__(self, scaler: torch.amp.GradScaler):
+    def __init__(self, scaler: DynamicGradScaler | None):
         self.scaler = scaler
-        self._as_built = scaler.state_dict()  # {} when disabled; the scale etc. it was built with
+        self._as_built = scaler.state_dict() if scaler is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.scaler.state_dict()  # {} when disabled
+        return self.scaler.state_dict() if self.scaler is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # {}: saved disabled (or resumed with another --dtype): the scaler starts as built
-        if self.scaler.is_enabled():
+        # {}: saved without a scaler (a bf16/fp32 run, or another --dtype): the scaler starts as built
+        if self.scaler is not None:
             self.scaler.load_state_dict(state_dict or self._as_built)
 
 
