@@ -185,6 +185,13 @@ class MixedPrecisionOptimizer:
         return norm
 
     @torch.no_grad()
+    def grad_norm(self) -> float:
+        """The global L2 norm of the current gradients as ``step()`` would see them (still scaled
+        with a scaler), without stepping; collective for sharded parameters (every rank calls)."""
+        self._copy_model_grads_to_main_grads()
+        return float(self._global_grad_norm([p.grad for p in self._main_params if p.grad is not None]))
+
+    @torch.no_grad()
     def step(self) -> tuple[bool, float | None, None]:
         """(stepped, grad_norm, num_zeros). ``grad_norm`` is the global norm before clipping (None on a
         loss-scale overflow); ``num_zeros`` is always None (counting zero gradients is not done)."""

@@ -125,13 +125,22 @@ def test_two_ranks_equal_one_rank_with_bf16_weights(tmp_path):
     assert sum(p.numel() for p in TinyLM().parameters()) > 0
 
 
+def _with_unused(cfg):
+    """TinyLM plus a parameter no forward uses: torch DDP semantics leave it alone (no gradient)."""
+    comp = make_components(cfg)
+    comp.model.unused = torch.nn.Parameter(torch.ones(4, 4))
+    return comp
+
+
 def _overlap_rank(rank, world, out_dir):
     out = {}
     for dtype, extra in (("fp32", {}), ("bf16", BF16)):
         kw = dict(grad_clip=0.0, bucket_size=600, **extra)
         for name, more in (("plain", {}), ("overlap", {"overlap_optim_step": True})):
             cfg = make_cfg(f"{out_dir}/{dtype}-{name}", **kw, **more)
-            out[f"{dtype}-{name}"] = _losses(train(cfg, make_components(cfg)).history)
+            comp = _with_unused(cfg)
+            out[f"{dtype}-{name}"] = _losses(train(cfg, comp).history)
+            out[f"{dtype}-{name}-unused-moved"] = not bool((comp.model.unused == 1).all())
         part = make_cfg(f"{out_dir}/{dtype}-part", max_iters=3, overlap_optim_step=True, **kw)
         train(part, make_components(part))
         res = make_cfg(f"{out_dir}/{dtype}-part", resume=True, overlap_optim_step=True, **kw)
@@ -149,6 +158,8 @@ def test_overlapped_step_equals_the_plain_step_and_resumes_exactly(tmp_path):
     got = run_distributed(_overlap_rank, 2, str(tmp_path))[0]
     for dtype in ("fp32", "bf16"):
         assert got[f"{dtype}-overlap"] == got[f"{dtype}-plain"], dtype
+        for name in ("plain", "overlap"):  # never stepped: no weight decay, no momentum
+            assert not got[f"{dtype}-{name}-unused-moved"], (dtype, name)
         assert got[f"{dtype}-resumed"] == got[f"{dtype}-overlap"], dtype
     info = json.loads((tmp_path / "bf16-overlap" / "run_info.json").read_text())
     assert info["optimizer"] == "per-bucket" and info["bytes_per_param"]["main_params"] == 4.0

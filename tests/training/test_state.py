@@ -396,3 +396,33 @@ def test_data_parallel_comm_state_round_trip(tmp_path):
         assert_same(ovl["got"], ovl["want"], f"rank {rank}")
         assert_same(ovl["got_w"], ovl["want_w"], f"rank {rank}")
         assert not all(torch.equal(c, w) for c, w in zip(ovl["cold_w"], ovl["want_w"]))
+
+
+class _TorchGradScalerState:
+    """What z2all saved as the ``scaler`` entry before issue 11: torch.amp.GradScaler's state dict."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state_dict)
+
+
+def test_a_torch_grad_scaler_checkpoint_loads_into_the_dynamic_scaler(tmp_path):
+    """fp16 checkpoints written with torch's GradScaler (float ``scale``, ``_growth_tracker``) resume:
+    the scale and the growth count carry over; the hysteresis starts full."""
+    model, opt = make()
+    train_step(model, opt)
+    old = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    old._growth_tracker = torch.tensor([5], dtype=torch.int32)  # as after 5 good steps
+    scaler = DynamicGradScaler(65536.0, 1.0, 2.0, 0.5, 1000, 2)
+    round_trip(
+        tmp_path,
+        TrainState.of(model, opt, scaler=_TorchGradScalerState(old)),
+        TrainState.of(*make(seed=1), scaler=LossScalerState(scaler)),
+    )
+    assert scaler.state_dict()["scale"].item() == 1024.0
+    assert (scaler.state_dict()["growth_tracker"], scaler.state_dict()["hysteresis_tracker"]) == (5, 2)

@@ -45,6 +45,7 @@ from optimizer import (
     adamw_factory,
     weight_decay_param_groups,
 )
+from parallel.distributed_optimizer import DistributedOptimizer
 from z2all.data.dpo_dataset import DPODataset
 from z2all.data.pretrain_dataset import PretokDatasetWithIndex
 from z2all.data.sft_dataset import SFTDataset
@@ -66,6 +67,8 @@ from z2all.training.state import (
     ModelState,
     OptimizerState,
     RNGState,
+    ShardedMainParamsState,
+    ShardedOptimizerState,
     TrainProgress,
     TrainState,
 )
@@ -367,7 +370,17 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
         def make_bucket_optimizer(named_params):
             if main is None:
                 return comp.make_optimizer(named_params)
-            return wrap_optimizer(cfg, comp.make_optimizer, named_params, main, None, grad_clip=0.0)
+            # dp.grad_of: None for a parameter no rank used (its unused list is final when the DDP
+            # steps a bucket holding one, after the sync), so it is not stepped, as in fp32
+            return wrap_optimizer(
+                cfg,
+                comp.make_optimizer,
+                named_params,
+                main,
+                None,
+                grad_of=lambda p: dp.grad_of(p),
+                grad_clip=0.0,
+            )
 
     dp = DataParallelModel(run_model, cfg, rt.device, make_bucket_optimizer=make_bucket_optimizer)
     # fp16 (autocast or weights) needs loss scaling to keep small gradients representable; bf16 has
@@ -376,16 +389,31 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
     if cfg.dtype == "float16":
         scaler = DynamicGradScaler.from_config(cfg.optimizer_config(), rt.device)
     optimizer = None
-    if not dp.steps_optimizer:
-        named = dp.named_trainable_parameters()
-        optimizer = wrap_optimizer(cfg, comp.make_optimizer, named, main, scaler, grad_of=dp.grad_of)
-    progress = TrainProgress()
     # The checkpoint's model entry is the truth: the fp32 main copies for 16-bit weights (named like
     # the weights, so any --params_dtype loads it), the weights themselves in fp32.
     model_state = ModelState(comp.model) if main is None else MainParamsState(comp.model, main)
+    if cfg.use_distributed_optimizer:
+        # ZeRO-1: fp32 main shards cut from the fp32 originals, AdamW over the shards from the flags
+        # (Components.make_optimizer builds whole-parameter optimizers: not used here)
+        optimizer = DistributedOptimizer(
+            dp.wrapped,
+            cfg.optimizer_config(),
+            grad_scaler=scaler,
+            main_params=main,
+            overlap_param_gather=cfg.overlap_param_gather,
+        )
+        if main is not None:
+            model_state = ShardedMainParamsState(comp.model, optimizer)
+        main = None  # the shards now hold the fp32 truth: the full copy goes
+        optim_state = ShardedOptimizerState(comp.model, optimizer)
+    elif not dp.steps_optimizer:
+        named = dp.named_trainable_parameters()
+        optimizer = wrap_optimizer(cfg, comp.make_optimizer, named, main, scaler, grad_of=dp.grad_of)
+        optim_state = OptimizerState(comp.model if main is None else main.module, optimizer.optimizer)
+    progress = TrainProgress()
     shared: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
-        shared["optim"] = OptimizerState(comp.model if main is None else main.module, optimizer.optimizer)
+        shared["optim"] = optim_state
     shared.update(progress=progress, scaler=LossScalerState(scaler))
     state = TrainState(shared, per_rank={"rng": RNGState(), "comm": dp})
 

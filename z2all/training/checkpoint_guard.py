@@ -34,7 +34,10 @@ RESUME_MAY_CHANGE = ("kernels", "initializer_range", "scale_output_init")
 
 
 def _float_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """``(dotted name, tensor)`` of every floating-point tensor in a nested state dict."""
+    """``(dotted name, tensor)`` of every floating-point tensor in a nested state dict (of a sharded
+    tensor, ZeRO-1's: the chunks this rank holds)."""
+    if hasattr(tree, "local_shards"):
+        return [(prefix, s.tensor) for s in tree.local_shards() if s.tensor.is_floating_point()]
     if torch.is_tensor(tree):
         return [(prefix, tree)] if tree.is_floating_point() else []
     if isinstance(tree, dict):

@@ -112,7 +112,12 @@ def prepare(path: Path, manifest: dict, state: TrainState, rank: int, check: Res
     meta = read_metadata(path)
     for name, comp in state.shared.items():
         if name in in_dcp:
-            template = comp.load_template() if hasattr(comp, "load_template") else comp.state_dict()
+            if hasattr(comp, "template_for"):  # a component that reads more than one saved layout
+                prefix = f"{name}."
+                saved = {k[len(prefix) :] for k in meta.state_dict_metadata if k.startswith(prefix)}
+                template = comp.template_for(saved)
+            else:
+                template = comp.load_template() if hasattr(comp, "load_template") else comp.state_dict()
             if name == "model":  # strict: names every missing, unexpected or reshaped tensor
                 check_fits(meta, name, template, path)
             plan.templates[name] = template

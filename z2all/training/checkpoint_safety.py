@@ -86,7 +86,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner loads non-tensor items with ``weights_only=False``; check them first."""
 
     def __init__(self, source: str):
-        super().__init__()
+        # ZeRO-1's sharded tensors are flat (never nested, FSDP-style): DCP's nested-shard flattening
+        # is not needed, and it drops the plain dicts beside them (seen with "progress" on 2 ranks)
+        super().__init__(flatten_sharded_tensors=False)
         self.source = source
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:

@@ -165,6 +165,12 @@ class TrainConfig:
     bucket before and after its reduction; otherwise every grad is checked after the sync)."""
     overlap_optim_step: bool = False
     """z2all DDP: run each bucket's optimizer step as soon as its gradients are reduced."""
+    use_distributed_optimizer: bool = False
+    """ZeRO-1 (parallel.distributed_optimizer): reduce-scatter gradients; each rank keeps fp32 main
+    params and AdamW moments for its 1/W shard of every bucket and all-gathers the updated weights."""
+    overlap_param_gather: bool = False
+    """ZeRO-1: launch each bucket's weight all-gather after the step and wait for it just before the
+    forward first uses the bucket (instead of waiting for all of them inside the step)."""
 
     def __post_init__(self) -> None:
         if self.lr_decay_iters == 0:  # the one derived field, resolved while parsing (then frozen)
@@ -274,6 +280,27 @@ class TrainConfig:
         if self.overlap_optim_step and self.grad_clip > 0:
             # each bucket steps as soon as it is reduced, before the global gradient norm is known
             raise ConfigError("--overlap_optim_step cannot clip by the global norm: set --grad_clip=0")
+        if self.use_distributed_optimizer:
+            if self.ddp_impl != "z2all":
+                raise ConfigError("--use_distributed_optimizer needs --ddp_impl=z2all (its buffers shard)")
+            if self.comm_hook != "allreduce":
+                raise ConfigError(
+                    f"--use_distributed_optimizer with --comm_hook={self.comm_hook} is not supported: ZeRO-1 "
+                    "reduce-scatters plain gradients (a compressed all-reduce would leave no shard to own); "
+                    "use --comm_hook=allreduce"
+                )
+            if self.overlap_optim_step:
+                raise ConfigError(
+                    "--use_distributed_optimizer with --overlap_optim_step is not supported: the sharded "
+                    "step runs once per step after the reduce-scatter; use one of the two"
+                )
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap_param_gather needs --use_distributed_optimizer")
+        if self.overlap_param_gather and self.compile:
+            raise ConfigError(
+                "--overlap_param_gather with --compile is not supported (its forward pre-hooks wait on "
+                "collectives inside the compiled region); drop one of the two"
+            )
         if self.overlap_optim_step and self.dtype == "float16":
             raise ConfigError("--overlap_optim_step does not support the float16 loss scaler: use bfloat16")
 

@@ -155,6 +155,7 @@ class Trainer:
         self.params = [p for p in parts.model.parameters() if p.requires_grad]
         self._measure_memory = True  # on this process's first step (run_info.json's bytes_per_param)
         self.held_bytes: dict[str, int] | None = None
+        self._info_measured = False  # run_info.json written with held_bytes
 
     # ---- one step -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
@@ -209,7 +210,7 @@ class Trainer:
             grad_norm = self._grad_norm()
         elif loss_bad:
             # Never applied, and not the scaler's business: the loss is computed before any scaling.
-            grad_norm = self._grad_norm() / (loss_scale or 1.0)
+            grad_norm = opt.grad_norm() / (loss_scale or 1.0)
         else:
             # The wrapper decides on every rank alike: an fp16 overflow (one all-reduced flag) skips the
             # step and backs the scale off; a non-finite norm (bf16/fp32) skips it. Either way nothing
@@ -221,8 +222,9 @@ class Trainer:
             overflow = not stepped and norm is None
             grad_norm = math.nan if norm is None else norm
         grad_bad = not math.isfinite(grad_norm) and not overflow
-        if self._measure_memory:
-            self.held_bytes = self._held_bytes()  # the step's state is all alive here (run_info.json)
+        if self._measure_memory and (dp.steps_optimizer or not (overflow or loss_bad or grad_bad)):
+            # the first step actually applied: its state is all alive here (run_info.json)
+            self.held_bytes = self._held_bytes()
             self._measure_memory = False
         if opt is not None:
             opt.zero_grad()
@@ -262,13 +264,15 @@ class Trainer:
         params = list(p.model.parameters())
         # what the optimizer reads: z2all DDP's grad buffers, else each .grad (torch DDP's own bucket
         # copies are internal to it and not counted; neither are the step's transient fp32 copies)
-        grads = [p.dp.grad_of(w) for w in params]
+        grads = [p.dp.grad_of(w) for w in params] + [w.grad for w in params]  # .grad: copies, if any
         optimizers = [p.optimizer] if p.optimizer is not None else list(p.dp.bucket_optimizers())
         state = [v for o in optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
         return {
             "params": storage_bytes(params),
             "grads": storage_bytes(grads),
-            "main_params": p.main_params.nbytes() if p.main_params is not None else 0,
+            "main_params": p.main_params.nbytes()
+            if p.main_params is not None
+            else (p.optimizer.shard_bytes()["main_params"] if hasattr(p.optimizer, "shard_bytes") else 0),
             "optimizer_state": storage_bytes(state),
         }
 
@@ -365,15 +369,23 @@ class Trainer:
             if rank == 0:
                 p.metrics.write(rec)
                 p.tracker.log({k: v for k, v in rec.items() if k != "step"}, done)
-                if done == start_step + 1:
-                    write_run_info(cfg.out_dir, self._run_info())
+                if done == start_step + 1 or (self.held_bytes is not None and not self._info_measured):
+                    write_run_info(cfg.out_dir, self._run_info())  # again once a step was applied
+                    self._info_measured = self.held_bytes is not None
                 if done % cfg.log_interval == 0 or last or done == start_step + 1:
                     log_line = console_line(rec, cfg.max_iters, step_seconds, _peak_memory_gb(device))
                     logger.info(log_line)
             p.progress.step, p.progress.tokens = done, tokens
             if last or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
+                self._finish_param_sync()  # ZeRO-1: complete weights on every rank before they are read
                 p.checkpoints.save(done, p.state, p.run_facts)
+        self._finish_param_sync()
         return TrainResult(step=max(start_step, cfg.max_iters), tokens=tokens, history=history)
+
+    def _finish_param_sync(self) -> None:
+        finish = getattr(self.p.optimizer, "finish_param_sync", None)
+        if finish is not None:
+            finish()
 
     # ---- reports ------------------------------------------------------------------------------------------
     def _nonfinite_stop(self, rec: dict[str, Any], streak: int) -> NonFiniteStepError:
@@ -428,7 +440,8 @@ class Trainer:
             "comm_hook": cfg.comm_hook,
             "bucket_size": cfg.bucket_size,
             "overlap_grad_reduce": cfg.overlap_grad_reduce,
-            "use_distributed_optimizer": False,
+            "use_distributed_optimizer": cfg.use_distributed_optimizer,
+            "overlap_param_gather": cfg.overlap_param_gather,
             "task_type": cfg.task_type,
             "num_params": n_params,
             "optimizer_state_bytes_per_rank": held.get("optimizer_state", 0),

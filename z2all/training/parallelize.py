@@ -127,12 +127,13 @@ class DataParallelModel:
         self.world = 1
         self._bucket_size = cfg.bucket_size
         self._half_params = getattr(cfg, "params_dtype", "float32") != "float32"
+        self._zero = bool(getattr(cfg, "use_distributed_optimizer", False))
         grouped = dist.is_available() and dist.is_initialized()
         if not grouped or dist.get_world_size() == 1:
             if cfg.comm_hook != "allreduce":
                 logger.info("world size 1: --comm_hook=%s has nothing to compress", cfg.comm_hook)
-            if self._half_params:
-                # 16-bit weights: the buffers (fp32 gradients beside the weights) on one rank too
+            if self._half_params or self._zero:
+                # 16-bit weights, ZeRO-1: the buffers (fp32 gradients beside the weights) on one rank too
                 if not grouped:
                     raise ValueError("16-bit --params_dtype needs a process group (distributed_runtime)")
                 self.impl = "z2all"
@@ -200,6 +201,7 @@ class DataParallelModel:
             overlap_grad_reduce=cfg.overlap_grad_reduce,
             bucket_size=cfg.bucket_size,
             check_for_nan_in_grad=cfg.check_for_nan_in_grad,
+            use_distributed_optimizer=self._zero,
         )
         # Under --compile the DDP reports the model's own names (it drops `_orig_mod.` itself).
         self.wrapped = DistributedDataParallel(ddp_cfg, self.module)

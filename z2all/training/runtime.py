@@ -38,9 +38,10 @@ def distributed_runtime(cfg: TrainConfig) -> Iterator[Runtime]:
         if world > 1 and not dist.is_initialized():
             dist.init_process_group(backend)
             created = True
-        elif cfg.params_dtype != "float32" and not dist.is_initialized():
-            # 16-bit weights live in the z2all DDP's buffers, fp32 gradients beside them, on one process
-            # too (the same code path as W ranks): a one-rank group over an in-process store.
+        elif (cfg.params_dtype != "float32" or cfg.use_distributed_optimizer) and not dist.is_initialized():
+            # 16-bit weights and ZeRO-1 live in the z2all DDP's buffers (fp32 gradients beside the
+            # weights, shards of them), on one process too, the same code path as W ranks: a one-rank
+            # group over an in-process store.
             if cfg.device == "cuda" and torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -85,6 +85,41 @@ class MainParamsState(ModelState):
         self.main.copy_to_model()
 
 
+class ShardedMainParamsState(ModelState):
+    """ZeRO-1 with 16-bit weights: the model entry is the fp32 main params, each rank writing (and
+    filling on load) only the chunks of its shards, under the model's names and shapes
+    (parallel/distributed_optimizer/sharded_state.py): the same files as an unsharded run's."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        super().__init__(model)
+        self.optimizer = optimizer
+        self.named = list(self.module.named_parameters(remove_duplicate=False))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.sharded_main_params(self.named)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_sharded_main_params()  # the shards were filled in place by DCP
+
+
+class ShardedOptimizerState:
+    """ZeRO-1's optimizer entry: AdamW moments per parameter name and shape, each rank its chunks
+    (the layout of :class:`OptimizerState`, so either loads the other's checkpoints)."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        self.optimizer = optimizer
+        self.named = list(unwrap_model(model).named_parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.sharded_optimizer_state(self.named)
+
+    def load_template(self) -> dict[str, Any]:
+        return self.optimizer.sharded_optimizer_state(self.named, for_load=True)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_sharded_optimizer_state(state_dict, self.named)
+
+
 class OptimizerState:
     """A ``torch.optim.Optimizer`` over the model's parameters, keyed by parameter name."""
 
@@ -120,10 +155,24 @@ class LossScalerState:
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict() if self.scaler is not None else {}
 
+    def template_for(self, saved_keys: set[str]) -> dict[str, Any]:
+        """What DCP fills: this scaler's layout, or torch.amp.GradScaler's (``scale`` a float,
+        ``_growth_tracker``), which z2all saved before issue 11."""
+        if "_growth_tracker" in saved_keys:
+            return {"scale": 0.0, "_growth_tracker": 0}
+        return self.state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # {}: saved without a scaler (a bf16/fp32 run, or another --dtype): the scaler starts as built
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state_dict or self._as_built)
+        if self.scaler is None:
+            return
+        if "_growth_tracker" in state_dict:  # torch's GradScaler: the scale and growth count carry over
+            state_dict = {
+                "scale": torch.tensor([float(state_dict["scale"])]),
+                "growth_tracker": int(state_dict["_growth_tracker"]),
+                "hysteresis_tracker": self.scaler.hysteresis,
+            }
+        self.scaler.load_state_dict(state_dict or self._as_built)
 
 
 @dataclass
