@@ -9,6 +9,8 @@ overlap_grad_reduce + overlap_param_gather, with small buckets (parameters strad
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -224,3 +226,23 @@ def test_owned_slices_partition_every_parameter_and_agree_across_ranks():
         assert ranges[0][0] == 0 and ranges[-1][1] == sizes[name], name
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)  # disjoint, contiguous
     assert any(len(r) > 1 for r in covered.values())  # small buckets: some parameter straddles shards
+
+
+def test_rectangles_cover_a_flat_range_exactly():
+    """Every flat range of 1-, 2- and 3-D shapes as rectangles: in order, disjoint, covering it, each
+    rectangle's elements exactly its flat span (what a sharded checkpoint chunk must be)."""
+    from parallel.distributed_optimizer.sharded_state import rectangles
+
+    for shape in [(7,), (6, 5), (3, 4, 5), (1, 9), (4, 1)]:
+        n = math.prod(shape)
+        index = torch.arange(n).view(shape)
+        for start in range(n):
+            for end in range(start + 1, n + 1):
+                rects = rectangles(start, end, shape)
+                assert len(rects) <= 2 * len(shape) - 1, (shape, start, end, rects)
+                flat = []
+                for off, size, lo, hi in rects:
+                    block = index[tuple(slice(o, o + s) for o, s in zip(off, size))]
+                    assert block.flatten().tolist() == list(range(lo, hi)), (shape, start, end, off, size)
+                    flat += block.flatten().tolist()
+                assert flat == list(range(start, end)), (shape, start, end)

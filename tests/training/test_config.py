@@ -73,6 +73,26 @@ def test_types_are_converted():
         (["--data_dir=d", "--loss_scale_window=0"], "--loss_scale_window must be > 0, got 0"),
         (["--data_dir=d", "--max_skipped_steps=0"], "--max_skipped_steps must be > 0, got 0"),
         (
+            ["--data_dir=d", "--use_distributed_optimizer", "--ddp_impl=torch"],
+            "--use_distributed_optimizer needs --ddp_impl=z2all",
+        ),
+        (
+            ["--data_dir=d", "--use_distributed_optimizer", "--comm_hook=powersgd"],
+            "--use_distributed_optimizer with --comm_hook=powersgd is not supported",
+        ),
+        (
+            ["--data_dir=d", "--use_distributed_optimizer", "--overlap_optim_step", "--grad_clip=0"],
+            "--use_distributed_optimizer with --overlap_optim_step is not supported",
+        ),
+        (
+            ["--data_dir=d", "--overlap_param_gather"],
+            "--overlap_param_gather needs --use_distributed_optimizer",
+        ),
+        (
+            ["--data_dir=d", "--use_distributed_optimizer", "--overlap_param_gather", "--compile"],
+            "--overlap_param_gather with --compile is not supported",
+        ),
+        (
             ["--data_dir=d", "--overlap_optim_step", "--grad_clip=0", "--dtype=float16"],
             "--overlap_optim_step does not support the float16 loss scaler",
         ),

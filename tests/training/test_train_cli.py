@@ -33,9 +33,10 @@ FLAG_SNAPSHOT = [
     "init_from", "initial_loss_scale", "keep_checkpoints", "learning_rate", "log_interval",
     "loss_scale_window", "lr_decay_iters", "max_iters", "max_nonfinite_steps", "max_seq_len",
     "max_skipped_steps", "min_loss_scale", "min_lr", "model_config", "optimizer_backend", "out_dir",
-    "overlap_grad_reduce", "overlap_optim_step", "params_dtype", "powersgd_rank", "powersgd_start_iter",
-    "resume", "run_name", "save_interval", "seed", "sft_type", "task_type", "tokenizer_dir", "tracker",
-    "train_batch_size", "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
+    "overlap_grad_reduce", "overlap_optim_step", "overlap_param_gather", "param_gather_prefetch",
+    "params_dtype", "powersgd_rank", "powersgd_start_iter", "resume", "run_name", "save_interval",
+    "seed", "sft_type", "task_type", "tokenizer_dir", "tracker", "train_batch_size",
+    "use_distributed_optimizer", "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
 ]  # fmt: skip
 
 

@@ -401,6 +401,7 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
             grad_scaler=scaler,
             main_params=main,
             overlap_param_gather=cfg.overlap_param_gather,
+            prefetch_depth=cfg.param_gather_prefetch,
         )
         if main is not None:
             model_state = ShardedMainParamsState(comp.model, optimizer)

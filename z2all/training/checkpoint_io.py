@@ -54,6 +54,15 @@ def _single_process_ok(no_dist: bool) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _no_sharded_tensor_notice() -> Iterator[None]:
+    """ZeRO-1's checkpoints use ShardedTensor (parallel/distributed_optimizer/sharded_state.py says
+    why); torch warns on every use of one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+        yield
+
+
 def read_metadata(ckpt_dir: Path) -> Metadata:
     """The DCP metadata of ``ckpt_dir/state`` (allowlist unpickler: never runs code)."""
     return SafeFileSystemReader(ckpt_dir / DCP_DIR).read_metadata()
@@ -71,13 +80,15 @@ def check_fits(meta: Metadata, name: str, template: dict[str, Any], source: Path
     }
     missing = sorted(set(template) - set(saved))
     unexpected = sorted(set(saved) - set(template))
-    shapes = [
-        f"{k}: checkpoint {'non-tensor' if saved[k] is None else tuple(saved[k])} vs {name} {tuple(v.shape)}"
-        for k, v in template.items()
-        if k in saved
-        and isinstance(v, torch.Tensor)
-        and (saved[k] is None or tuple(saved[k]) != tuple(v.shape))
-    ]
+    with _no_sharded_tensor_notice():
+        shapes = [
+            f"{k}: checkpoint {'non-tensor' if saved[k] is None else tuple(saved[k])} vs {name} "
+            f"{tuple(v.shape)}"
+            for k, v in template.items()
+            if k in saved
+            and isinstance(v, torch.Tensor)
+            and (saved[k] is None or tuple(saved[k]) != tuple(v.shape))
+        ]
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(
             f"{source}: checkpoint does not fit the {name}: missing keys {missing[:10]}, "
@@ -89,7 +100,7 @@ def load_dcp(ckpt_dir: Path, template: dict[str, Any], no_dist: bool) -> None:
     """Fill ``template`` (nested dicts of tensors and plain values) in place from ``ckpt_dir/state``.
     Collective when ``no_dist`` is False (every rank of the process group calls)."""
     reader = SafeFileSystemReader(ckpt_dir / DCP_DIR)
-    with _single_process_ok(no_dist):
+    with _single_process_ok(no_dist), _no_sharded_tensor_notice():
         dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(str(ckpt_dir)), no_dist=no_dist)
 
 
@@ -98,7 +109,7 @@ def save_dcp(state: dict[str, Any], dcp_dir: Path, no_dist: bool) -> None:
     entries are written by one rank only, and a write error on any rank reaches every rank as DCP's
     ``CheckpointException``."""
     writer = FileSystemWriter(dcp_dir, sync_files=True)
-    with _single_process_ok(no_dist):
+    with _single_process_ok(no_dist), _no_sharded_tensor_notice():
         dcp.save(state, storage_writer=writer, no_dist=no_dist)
 
 

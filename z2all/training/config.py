@@ -171,6 +171,8 @@ class TrainConfig:
     overlap_param_gather: bool = False
     """ZeRO-1: launch each bucket's weight all-gather after the step and wait for it just before the
     forward first uses the bucket (instead of waiting for all of them inside the step)."""
+    param_gather_prefetch: int = 2
+    """--overlap_param_gather: weight all-gathers kept in flight ahead of the forward (buckets)."""
 
     def __post_init__(self) -> None:
         if self.lr_decay_iters == 0:  # the one derived field, resolved while parsing (then frozen)
@@ -200,6 +202,7 @@ class TrainConfig:
             "loss_scale_window",
             "hysteresis",
             "max_skipped_steps",
+            "param_gather_prefetch",
         )
         for name in positive:
             if getattr(self, name) <= 0:
