@@ -6,6 +6,7 @@ Future whose value is ``bucket.buffer()`` itself, reduced in place, so the DDP n
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -89,16 +90,28 @@ def reduce_scatter_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
 def _future_of(work: dist.Work, value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     """A Future that completes with ``value`` when ``work`` does.
 
-    gloo's reduce-scatter Work implements no Future; there we wait right away (correct, but that
-    collective then does not overlap with backward; NCCL's does).
+    gloo's reduce-scatter Work implements no Future (``Work::getFuture not implemented``), though the
+    collective itself runs asynchronously on gloo's worker threads. A small waiter thread completes the
+    Future when the Work is done, so the reduce-scatter overlaps the rest of the backward on CPU too
+    (waiting at launch instead cost ZeRO-1 ~10% of a step on 2 CPU ranks: BENCHMARKS.md, issue 12).
+    The collective was enqueued by the caller, so the collective order is untouched.
     """
     try:
         return work.get_future().then(lambda fut: value)
     except RuntimeError:
-        work.wait()
-        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        pass
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def complete() -> None:
+        try:
+            work.wait()
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the Future
+            fut.set_exception(e)
+            return
         fut.set_result(value)
-        return fut
+
+    threading.Thread(target=complete, name="z2all-collective-waiter", daemon=True).start()
+    return fut
 
 
 def _compress_hook(dtype: torch.dtype, state, bucket) -> torch.futures.Future[torch.Tensor]:
