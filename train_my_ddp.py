@@ -37,7 +37,7 @@ from z2all.training.checkpoint import (
     NonFiniteStateError,
     UnsafeCheckpointError,
 )
-from z2all.training.config import help_text
+from z2all.training.config_help import help_text
 from z2all.training.loop import NonFiniteStepError
 from z2all.training.runtime import distributed_runtime
 

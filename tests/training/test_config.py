@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from z2all.training.config import ConfigError, TrainConfig, field_docs, flag_names, help_text, parse_args
+from z2all.training.config import ConfigError, TrainConfig, parse_args
+from z2all.training.config_help import field_docs, flag_names, help_text
 from z2all.training.resume import ResumeRules
 from z2all.training.runtime import distributed_runtime
 

@@ -20,7 +20,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.training.test_loop_real import prepare_corpus
 from z2all.training import train
-from z2all.training.config import flag_names, parse_args
+from z2all.training.config import parse_args
+from z2all.training.config_help import flag_names
 from z2all.training.metrics import read_metrics
 
 SCRIPT = str(REPO_ROOT / "train_my_ddp.py")

@@ -3,21 +3,18 @@
 Sources, later ones win: the defaults below < ``<out_dir>/config.json`` of the run being resumed
 (``--resume``) < a JSON file given as the first positional argument < ``--key=value`` flags.
 Saved configs are read back as JSON data, never executed. Unknown keys and bad values raise
-:class:`ConfigError` naming the flag or the file before any work starts. ``--help`` is generated from
-the docstring under each field (read from this file's source with ``ast``), so the help text and the
-code cannot drift apart.
+:class:`ConfigError` naming the flag or the file before any work starts. ``--help`` is generated
+from the docstring under each field (config_help.py reads this file's source with ``ast``), so the
+help text and the code cannot drift apart.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
-import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,24 +349,8 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------------
-def _flag_fields() -> dict[str, dataclasses.Field]:
+def flag_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
-
-
-def field_docs() -> dict[str, str]:
-    """The docstring under each field, read from this class's source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body
-    docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            if (
-                isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = nxt.value.value.strip()
-    return docs
 
 
 def _convert(name: str, raw: Any, where: str) -> Any:
@@ -429,7 +410,7 @@ def _read_json_config(path: str | os.PathLike, what: str) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path}: expected a JSON object of settings, got {type(data).__name__}")
-    known = _flag_fields()
+    known = flag_fields()
     values = {}
     for key, raw in data.items():
         if key not in known:
@@ -440,7 +421,7 @@ def _read_json_config(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 def _parse_flags(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """Split argv into (optional JSON config path, {field: value}) without applying anything."""
-    known = _flag_fields()
+    known = flag_fields()
     config_file = None
     values: dict[str, Any] = {}
     for i, arg in enumerate(argv):
@@ -486,26 +467,3 @@ def parse_args(argv: list[str]) -> TrainConfig:
     # What may not change on resume is checked by z2all.training.resume, with the other resume rules.
     saved = _read_json_config(saved_path, "saved config")
     return TrainConfig(**{**saved, **values})
-
-
-def help_text() -> str:
-    """``--help``: every flag with its type/choices, default and docstring."""
-    docs = field_docs()
-    hints = typing.get_type_hints(TrainConfig)
-    lines = [
-        "usage: train_my_ddp.py [CONFIG.json] [--key=value ...]",
-        "       torchrun --nproc_per_node=N train_my_ddp.py [CONFIG.json] [--key=value ...]",
-        "",
-        "Settings (later sources win: defaults < saved config.json on --resume < CONFIG.json < flags):",
-    ]
-    for name, f in _flag_fields().items():
-        hint = hints[name]
-        kind = "|".join(typing.get_args(hint)) if typing.get_origin(hint) is Literal else hint.__name__
-        lines.append(f"  --{name}={kind}  (default: {f.default!r})")
-        lines.append(textwrap.indent(textwrap.fill(docs.get(name, ""), 100), " " * 6))
-    return "\n".join(lines)
-
-
-def flag_names() -> list[str]:
-    """The sorted flag names (snapshot-tested so a rename is a conscious change)."""
-    return sorted(_flag_fields())
