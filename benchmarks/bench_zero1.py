@@ -58,20 +58,17 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import inspect
 import json
 import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 from _common import add_backend_args, free_port, init_rank, random_windows, resolve_backend
 from torch import nn
@@ -79,6 +76,7 @@ from torch import nn
 from optimizer import FP32Optimizer, OptimizerConfig, weight_decay_param_groups
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
 from parallel.distributed_optimizer import DistributedOptimizer
+from parallel.wire_bytes import WireCounter, wire_bytes
 
 ARMS = ("z2all_ddp", "z2all_zero1", "z2all_zero1_overlap", "torch_zero", "fsdp2")
 CFG = OptimizerConfig(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, backend="foreach")
@@ -94,65 +92,10 @@ def log(msg: str) -> None:
 
 
 # ---- the counting wrapper ---------------------------------------------------------------------------
-RING = {  # collective -> (argument holding the FULL tensor, ring factor over (d-1)/d)
-    "all_reduce": ("tensor", 2),
-    "reduce_scatter_single": ("input", 1),
-    "reduce_scatter_tensor": ("input", 1),
-    "all_gather_single": ("output_tensor", 1),
-    "all_gather_into_tensor": ("output_tensor", 1),
-    "broadcast": ("tensor", 1),
-}
-
-
-class WireCounter:
-    """Inside ``with``: each collective of ``RING`` is recorded as ``(op, numel, element size, world,
-    kind(tensor))``, then run. Patched in ``torch.distributed`` and ``distributed_c10d`` (whose
-    functions call each other); a nested call is counted once."""
-
-    def __init__(self, kind):
-        self.kind = kind
-        self.calls: list[tuple[str, int, int, int, str]] = []
-        self._local = threading.local()
-        self._saved: list[tuple[object, str, object]] = []
-
-    def _wrap(self, name: str, orig):
-        arg = RING[name][0]
-        sig = inspect.signature(orig)
-
-        def counted(*args, **kwargs):
-            depth = getattr(self._local, "depth", 0)
-            if depth == 0:
-                bound = sig.bind(*args, **kwargs)
-                t = bound.arguments[arg]
-                world = dist.get_world_size(bound.arguments.get("group"))
-                self.calls.append((name, t.numel(), t.element_size(), world, self.kind(name, t)))
-            self._local.depth = depth + 1
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                self._local.depth = depth
-
-        return counted
-
-    def __enter__(self) -> WireCounter:
-        for name in RING:
-            counted = self._wrap(name, getattr(c10d, name))
-            for mod in (dist, c10d):
-                self._saved.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, counted)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for mod, name, orig in reversed(self._saved):
-            setattr(mod, name, orig)
-        self._saved.clear()
-
-    def bytes_by_kind(self) -> dict[str, float]:
-        out = {"grad": Fraction(0), "param": Fraction(0), "other": Fraction(0)}
-        for op, numel, size, world, kind in self.calls:
-            out[kind] += RING[op][1] * Fraction(world - 1, world) * numel * size
-        out["total"] = sum(out.values())
-        return {k: float(v) for k, v in out.items()}
+def bytes_by_kind(calls) -> dict[str, float]:
+    out = {k: wire_bytes(calls, {k}) for k in ("grad", "param", "other")}
+    out["total"] = sum(out.values())
+    return {k: float(v) for k, v in out.items()}
 
 
 # ---- the arms ---------------------------------------------------------------------------------------
@@ -356,7 +299,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
             with counter:
                 arm.step(*batch(1), inspect=lambda arm=arm, out=measured: out.update(arm.held()))
             arm.end_round()  # overlap: the gathers launched by this step complete before the next arm
-            wire[name] = {**counter.bytes_by_kind(), "calls": len(counter.calls)}
+            wire[name] = {**bytes_by_kind(counter.calls), "calls": len(counter.calls)}
             held[name] = measured
             if hasattr(arm, "n_pad"):
                 layout[name] = {"padded_elements": arm.n_pad, "buckets": arm.buckets}

@@ -28,14 +28,10 @@ Claims, on 2 and 4 gloo ranks over the same small MLP and the same buckets:
 from __future__ import annotations
 
 import copy
-import inspect
-import threading
 from fractions import Fraction
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as torch_hooks
@@ -43,75 +39,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as torch_h
 from optimizer import FP32Optimizer, OptimizerConfig, weight_decay_param_groups
 from parallel import DistributedDataParallel, DistributedDataParallelConfig
 from parallel.distributed_optimizer import DistributedOptimizer
+from parallel.wire_bytes import WireCounter, wire_bytes
 from tests.dist_utils import run_distributed
 
-# collective -> (name of the argument holding the FULL tensor, ring factor over (d-1)/d)
-RING = {
-    "all_reduce": ("tensor", 2),
-    "reduce_scatter_single": ("input", 1),
-    "reduce_scatter_tensor": ("input", 1),
-    "all_gather_single": ("output_tensor", 1),
-    "all_gather_into_tensor": ("output_tensor", 1),
-    "broadcast": ("tensor", 1),
-}
 CFG = OptimizerConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0, backend="foreach")
 BUCKET = 2000  # elements: several buckets for the ~11k-element MLP
-
-
-class WireCounter:
-    """Inside ``with``: every collective of ``RING`` is recorded as ``(op, numel, element size, world,
-    kind)`` on this rank, then run. ``kind(tensor)`` labels the full tensor (which buffer it lives in).
-
-    Patched in ``torch.distributed`` and in ``distributed_c10d`` (whose own functions call each other,
-    e.g. ``reduce_scatter_tensor`` -> ``reduce_scatter_single``); a nested call is not counted twice."""
-
-    def __init__(self, kind=lambda t: "other"):
-        self.kind = kind
-        self.calls: list[tuple[str, int, int, int, str]] = []
-        self._local = threading.local()
-        self._saved: list[tuple[object, str, object]] = []
-
-    def _wrap(self, name: str, orig):
-        arg, _ = RING[name]
-        sig = inspect.signature(orig)
-
-        def counted(*args, **kwargs):
-            if getattr(self._local, "depth", 0) == 0:
-                bound = sig.bind(*args, **kwargs)
-                t = bound.arguments[arg]
-                group = bound.arguments.get("group")
-                world = dist.get_world_size(group)
-                self.calls.append((name, t.numel(), t.element_size(), world, self.kind(t)))
-            self._local.depth = getattr(self._local, "depth", 0) + 1
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                self._local.depth -= 1
-
-        return counted
-
-    def __enter__(self) -> WireCounter:
-        for name in RING:
-            orig = getattr(c10d, name)
-            counted = self._wrap(name, orig)
-            for mod in (dist, c10d):
-                self._saved.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, counted)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for mod, name, orig in reversed(self._saved):
-            setattr(mod, name, orig)
-        self._saved.clear()
-
-
-def wire_bytes(calls, kinds=None, ops=None) -> Fraction:
-    """Bytes this rank sends for ``calls`` (ring convention of the module docstring), exactly."""
-    total = Fraction(0)
-    for op, numel, size, world, kind in calls:
-        if (kinds is None or kind in kinds) and (ops is None or op in ops):
-            total += RING[op][1] * Fraction(world - 1, world) * numel * size
-    return total
 
 
 def _mlp() -> nn.Module:
@@ -133,7 +65,7 @@ def _buffer_kind(ddp: DistributedDataParallel):
     for buf in ddp.param_and_grad_buffers:
         storages[buf.grad_data.untyped_storage().data_ptr()] = "grad"
         storages[buf.param_data.untyped_storage().data_ptr()] = "param"
-    return lambda t: storages.get(t.untyped_storage().data_ptr(), "other")
+    return lambda op, t: storages.get(t.untyped_storage().data_ptr(), "other")
 
 
 def _count_steps(step_fn, kind, steps=3) -> list[list[tuple]]:
@@ -198,7 +130,7 @@ def _torch_zero(rank: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    kind = lambda t: "param" if t.untyped_storage().data_ptr() in params else "other"
+    kind = lambda op, t: "param" if t.untyped_storage().data_ptr() in params else "other"
     return {"steps": _count_steps(step, kind)}
 
 

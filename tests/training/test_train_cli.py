@@ -89,10 +89,9 @@ def test_help_and_errors_from_the_command_line(tmp_path, capsys):
     assert "error: --tokenizer_dir is required" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(text_corpus, tmp_path):
-    tok, pretok = prepare_corpus(tmp_path, text_corpus, n_chars=66_000)
-    flags = [
+def _tiny_flags(tok, pretok) -> list[str]:
+    """A short pretraining run of the tiny preset on the prepared corpus (the launcher tests' base)."""
+    return [
         f"--data_dir={pretok}",
         f"--tokenizer_dir={tok}",
         "--model_config=tiny",
@@ -100,14 +99,22 @@ def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(text_corpus, tmp_
         "--train_batch_size=2",
         "--gradient_accumulation_steps=2",
         "--learning_rate=3e-3",
-        "--min_lr=3e-4",
         "--warmup_iters=1",
-        "--lr_decay_iters=6",
-        "--eval_interval=3",
-        "--eval_iters=2",
         "--log_interval=1",
         "--seed=5",
         "--valid_ratio=0.05",
+    ]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_then_resume_on_one_equals_one_rank(text_corpus, tmp_path):
+    tok, pretok = prepare_corpus(tmp_path, text_corpus, n_chars=66_000)
+    flags = [
+        *_tiny_flags(tok, pretok),
+        "--min_lr=3e-4",
+        "--lr_decay_iters=6",
+        "--eval_interval=3",
+        "--eval_iters=2",
     ]
     one = tmp_path / "one"
     train(
@@ -143,18 +150,8 @@ def test_torchrun_fp16_weights_skip_overflows_then_train(text_corpus, tmp_path):
     gradients fit, then training proceeds; the run resumes on one process in bfloat16."""
     tok, pretok = prepare_corpus(tmp_path, text_corpus, n_chars=66_000)
     flags = [
-        f"--data_dir={pretok}",
-        f"--tokenizer_dir={tok}",
-        "--model_config=tiny",
-        "--max_seq_len=64",
-        "--train_batch_size=2",
-        "--gradient_accumulation_steps=2",
-        "--learning_rate=3e-3",
-        "--warmup_iters=1",
+        *_tiny_flags(tok, pretok),
         "--eval_interval=0",
-        "--log_interval=1",
-        "--seed=5",
-        "--valid_ratio=0.05",
         "--params_dtype=float16",
         "--dtype=float16",
         f"--initial_loss_scale={2.0**24}",
