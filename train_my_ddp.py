@@ -38,8 +38,10 @@ from z2all.training.checkpoint import (
     UnsafeCheckpointError,
 )
 from z2all.training.config_help import help_text
+from z2all.training.heartbeat import write_exit_code
 from z2all.training.loop import NonFiniteStepError
 from z2all.training.runtime import distributed_runtime
+from z2all.training.stop_signal import PreemptedStop
 
 # What the person running the script must fix; each message names the flag, file or folder, and a
 # traceback would only bury that line. (Plain ValueErrors are not here: torch raises them for bugs.)
@@ -97,15 +99,25 @@ def main(argv: list[str]) -> int:
     try:
         with distributed_runtime(cfg) as rt:
             build_trainer(cfg, rt).run()
+    except PreemptedStop as e:
+        logging.getLogger("train_my_ddp").warning("%s", e)
+        return _deliberate(cfg, exit_codes.PREEMPTED)
     except NONFINITE_ERRORS as e:
         _report(e, cfg.debug)
-        return exit_codes.NONFINITE
+        return _deliberate(cfg, exit_codes.NONFINITE)
     except Exception as e:
         if not _is_user_error(e):
             raise  # a bug: Python prints the traceback and exits with exit_codes.CRASH (1)
         _report(e, cfg.debug)
-        return exit_codes.USER_ERROR
+        return _deliberate(cfg, exit_codes.USER_ERROR)
     return exit_codes.OK
+
+
+def _deliberate(cfg, code: int) -> int:
+    """Record why we exit (``<out_dir>/exit_code.json``, rank 0): under torchrun a supervisor sees only
+    the agent's 1."""
+    write_exit_code(cfg.out_dir, code, env_rank())
+    return code
 
 
 def _exit(code: int) -> None:

@@ -127,7 +127,7 @@ def test_bad_flags_name_the_flag(argv, needle):
 
 FLOAT_FLAGS = [
     "valid_ratio", "learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip",
-    "dpo_beta", "initial_loss_scale", "min_loss_scale",
+    "dpo_beta", "initial_loss_scale", "min_loss_scale", "exit_after_minutes",
 ]  # fmt: skip
 
 

@@ -29,15 +29,16 @@ SCRIPT = str(REPO_ROOT / "train_my_ddp.py")
 # Renaming or removing a flag breaks users' scripts and configs: change this list consciously.
 FLAG_SNAPSHOT = [
     "adam_eps", "backend", "beta1", "beta2", "bucket_size", "check_for_nan_in_grad", "comm_hook",
-    "compile", "data_dir", "ddp_impl", "debug", "device", "dpo_beta", "dtype", "eval_interval",
-    "eval_iters", "grad_clip", "grad_reduce_in_fp32", "gradient_accumulation_steps", "hysteresis",
-    "init_from", "initial_loss_scale", "keep_checkpoints", "learning_rate", "log_interval",
-    "loss_scale_window", "lr_decay_iters", "max_iters", "max_nonfinite_steps", "max_seq_len",
-    "max_skipped_steps", "min_loss_scale", "min_lr", "model_config", "optimizer_backend", "out_dir",
-    "overlap_grad_reduce", "overlap_optim_step", "overlap_param_gather", "param_gather_prefetch",
-    "params_dtype", "powersgd_rank", "powersgd_start_iter", "resume", "run_name", "save_interval",
-    "seed", "sft_type", "task_type", "tokenizer_dir", "tracker", "train_batch_size",
-    "use_distributed_optimizer", "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
+    "compile", "data_dir", "ddp_impl", "debug", "device", "dist_init_timeout", "dist_timeout",
+    "dpo_beta", "dtype", "eval_interval", "eval_iters", "exit_after_minutes", "grad_clip",
+    "grad_reduce_in_fp32", "gradient_accumulation_steps", "hysteresis", "init_from",
+    "initial_loss_scale", "keep_checkpoints", "learning_rate", "log_interval", "loss_scale_window",
+    "lr_decay_iters", "max_iters", "max_nonfinite_steps", "max_seq_len", "max_skipped_steps",
+    "min_loss_scale", "min_lr", "model_config", "optimizer_backend", "out_dir", "overlap_grad_reduce",
+    "overlap_optim_step", "overlap_param_gather", "param_gather_prefetch", "params_dtype",
+    "powersgd_rank", "powersgd_start_iter", "resume", "run_name", "save_interval", "seed", "sft_type",
+    "task_type", "tokenizer_dir", "tracker", "train_batch_size", "use_distributed_optimizer",
+    "valid_ratio", "valid_samples", "warmup_iters", "weight_decay",
 ]  # fmt: skip
 
 

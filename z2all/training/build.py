@@ -52,8 +52,10 @@ from z2all.data.sft_dataset import SFTDataset
 from z2all.model import Z2allConfig, Z2allForCausalLM, get_preset, list_presets
 from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint import CheckpointManager
+from z2all.training.checkpoint_format import list_checkpoints
 from z2all.training.collectives import all_reduce_max
 from z2all.training.config import ConfigError, TrainConfig
+from z2all.training.heartbeat import Heartbeat
 from z2all.training.loop import Trainer, TrainerParts
 from z2all.training.metrics import MetricsWriter
 from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir
@@ -340,6 +342,9 @@ def build_components(
 def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None = None) -> Trainer:
     """Everything the loop runs, in the order of the module docstring; all ranks call (collective)."""
     check_fresh_out_dir(cfg)
+    saved = list_checkpoints(cfg.out_dir) if cfg.resume else []
+    # before anything slow (data, model, compile, the load): a watchdog grants this phase its grace
+    Heartbeat(cfg.out_dir, enabled=rt.rank == 0).beat(saved[0][0] if saved else 0, "startup")
     tokenizer, tok_dir = None, cfg.tokenizer_dir
     if components is None:
         if not Path(cfg.data_dir).exists():  # before the tokenizer: the likelier typo is reported
@@ -429,6 +434,7 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
     if rt.rank == 0:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
+            Heartbeat(cfg.out_dir, enabled=True).beat(progress.step, "startup")  # now out_dir exists
             cfg.save(cfg.out_dir)  # only now: a refused or failed resume leaves the run's config as it was
             metrics = MetricsWriter(cfg.out_dir)
             metrics.truncate_after(progress.step)

@@ -114,6 +114,16 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model."""
 
+    exit_after_minutes: float = 0.0
+    """Save a checkpoint and stop cleanly (exit code 4, resume later) after this many minutes of
+    training, before a fixed-length allocation ends (Megatron's exit-duration); 0: never."""
+    dist_timeout: int = 900
+    """Seconds a collective may wait before it fails (instead of hanging on a stuck rank), from the
+    first completed step on; monitor_process.py's heartbeat catches a rank stopped outside one."""
+    dist_init_timeout: int = 1800
+    """Seconds for joining the process group and everything before the first step (model loading,
+    torch.compile, the checkpoint load)."""
+
     # ---- evaluation, logging, checkpoints ---------------------------------------------------------
     eval_interval: int = 50
     """Evaluate on the held-out split every this many steps (and at the last step); 0 disables."""
@@ -200,6 +210,8 @@ class TrainConfig:
             "hysteresis",
             "max_skipped_steps",
             "param_gather_prefetch",
+            "dist_timeout",
+            "dist_init_timeout",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -215,6 +227,7 @@ class TrainConfig:
             "powersgd_start_iter",
             "valid_samples",
             "max_nonfinite_steps",
+            "exit_after_minutes",
         )
         for name in nonneg:
             if getattr(self, name) < 0:

@@ -10,3 +10,4 @@ OK = 0  # the run reached --max_iters
 CRASH = 1  # an unexpected exception (Python's own status for an uncaught one): may be restarted
 USER_ERROR = 2  # a flag, config, data file or checkpoint to fix, or a full disk: do not restart
 NONFINITE = 3  # the loss / gradient norm / state became NaN or Inf: do not restart unchanged
+PREEMPTED = 4  # SIGTERM/SIGINT or --exit_after_minutes: a checkpoint was saved at the step reached; resume

@@ -55,11 +55,13 @@ from z2all.training.checkpoint import CheckpointManager
 from z2all.training.checkpoint_format import list_checkpoints
 from z2all.training.collectives import all_reduce_sum_
 from z2all.training.config import TrainConfig
+from z2all.training.heartbeat import Heartbeat
 from z2all.training.lr_schedule import CosineSchedule, set_lr
 from z2all.training.metrics import MetricsWriter, console_line, write_run_info
 from z2all.training.parallelize import DataParallelModel
-from z2all.training.runtime import Runtime
+from z2all.training.runtime import Runtime, set_collective_timeout
 from z2all.training.state import TrainProgress, TrainState
+from z2all.training.stop_signal import PreemptedStop, StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,8 @@ class Trainer:
         self.autocast = _autocast(cfg, rt.device)
         self.params = [p for p in parts.model.parameters() if p.requires_grad]
         self._measure_memory = True  # on this process's first step (run_info.json's bytes_per_param)
+        self.heartbeat = Heartbeat(cfg.out_dir, enabled=rt.rank == 0)  # for monitor_process.py
+        self.stop: StopSignal | None = None  # installed by run()
         self.held_bytes: dict[str, int] | None = None
         self._info_measured = False  # run_info.json written with held_bytes
 
@@ -197,10 +201,9 @@ class Trainer:
         # One all-reduce (and one host read) carries the step's sums BEFORE the optimizer step: a
         # non-finite loss is then known on every rank alike, and the step is not taken.
         keys = sorted(stat_sums)
-        packed = torch.stack(
-            [loss_sum, torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)]
-            + [stat_sums[k] for k in keys]
-        )
+        stop = float(self.stop is not None and self.stop.requested())  # a stop request on any rank
+        counts = [torch.tensor(v, dtype=torch.float64, device=self.device) for v in (float(n_tokens), stop)]
+        packed = torch.stack([loss_sum, *counts] + [stat_sums[k] for k in keys])
         sums = all_reduce_sum_(packed).tolist()
         loss_bad = not math.isfinite(sums[0])
         overflow = False
@@ -237,10 +240,11 @@ class Trainer:
         if overflow or ((loss_bad or grad_bad) and not dp.steps_optimizer):
             rec["skipped"] = True  # not applied: a loss-scale overflow, or a non-finite loss / norm
         rec["_tokens"] = int(sums[1])
+        rec["_stop"] = sums[2] > 0  # the same on every rank: the step after which all stop
         rec["_nonfinite"] = loss_bad or grad_bad
         rec["_overflow"] = overflow
         for i, k in enumerate(keys):
-            rec[k] = sums[2 + i] / g
+            rec[k] = sums[3 + i] / g
         return rec
 
     def _grad_norm(self) -> float:
@@ -304,9 +308,11 @@ class Trainer:
     def run(self) -> TrainResult:
         """Steps from the restored position to ``--max_iters``; closes the tracker at the end (also
         after a non-finite stop: its last records are the diagnosis)."""
+        self.stop = StopSignal(self.cfg.exit_after_minutes)  # SIGTERM/SIGINT: stop with a checkpoint
         try:
             return self._run()
         finally:
+            self.stop.restore()
             if self.p.tracker is not None:
                 self.p.tracker.close()
 
@@ -339,6 +345,9 @@ class Trainer:
             rec["comm_bytes"] = p.dp.pop_comm_bytes()
             done = step + 1
             last = done == cfg.max_iters
+            stop_now = rec.pop("_stop")
+            if step == start_step:
+                set_collective_timeout(cfg.dist_timeout)  # start-up is over: --dist_init_timeout no more
             nonfinite_streak = nonfinite_streak + 1 if rec.pop("_nonfinite") else 0
             overflow_streak = overflow_streak + 1 if rec.pop("_overflow") else 0
             if overflow_streak > cfg.max_skipped_steps:
@@ -362,6 +371,7 @@ class Trainer:
                     cfg.max_nonfinite_steps,
                 )
             if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or last):
+                self.heartbeat.beat(done, "eval")
                 val = self.evaluate()
                 if val is not None:
                     rec["val_loss"] = val
@@ -376,9 +386,16 @@ class Trainer:
                     log_line = console_line(rec, cfg.max_iters, step_seconds, _peak_memory_gb(device))
                     logger.info(log_line)
             p.progress.step, p.progress.tokens = done, tokens
-            if last or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
+            if last or stop_now or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
+                self.heartbeat.beat(done, "save")
                 self._finish_param_sync()  # ZeRO-1: complete weights on every rank before they are read
-                p.checkpoints.save(done, p.state, p.run_facts)
+                path = p.checkpoints.save(done, p.state, p.run_facts)
+                if stop_now and not last:
+                    raise PreemptedStop(
+                        f"stopped on request ({self.stop.reason()}) after step {done}: saved {path}; "
+                        "continue with --resume"
+                    )
+            self.heartbeat.beat(done, "step")
         self._finish_param_sync()
         return TrainResult(step=max(start_step, cfg.max_iters), tokens=tokens, history=history)
 

@@ -10,9 +10,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout  # private, but the only way to change it
 
 from z2all.training.config import ConfigError, TrainConfig
 
@@ -35,8 +37,9 @@ def distributed_runtime(cfg: TrainConfig) -> Iterator[Runtime]:
     cfg.check_world_size(world)  # before joining: every rank refuses alike, nobody waits
     try:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.device == "cuda" else "gloo")
+        init_timeout = timedelta(seconds=cfg.dist_init_timeout)
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=init_timeout)
             created = True
         elif (cfg.params_dtype != "float32" or cfg.use_distributed_optimizer) and not dist.is_initialized():
             # 16-bit weights and ZeRO-1 live in the z2all DDP's buffers (fp32 gradients beside the
@@ -44,7 +47,8 @@ def distributed_runtime(cfg: TrainConfig) -> Iterator[Runtime]:
             # group over an in-process store.
             if cfg.device == "cuda" and torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=init_timeout)
             created = True
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -63,3 +67,10 @@ def distributed_runtime(cfg: TrainConfig) -> Iterator[Runtime]:
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """From now on a collective of the default group fails after ``seconds`` instead of waiting (the
+    first step is done: start-up's longer --dist_init_timeout is over). torchtitan does the same."""
+    if dist.is_available() and dist.is_initialized():
+        _set_pg_timeout(timedelta(seconds=seconds))
