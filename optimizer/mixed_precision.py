@@ -107,9 +107,13 @@ class MixedPrecisionOptimizer:
         grad_norm_process_group: dist.ProcessGroup | None,
         grad_of: GradOf | None = None,
         owns_main_params: bool = True,
+        device: torch.device | None = None,
     ):
+        """``device``: where the step's flags and norms live; default: the first main param's (a
+        ZeRO-1 rank may own no parameter at all and pass its buffers' device)."""
         assert len(model_params) == len(main_params)
         self.optimizer = optimizer
+        self._device = device if device is not None else main_params[0].device
         self._grad_of = grad_of or _model_grad
         # False: the main params were given (a MainParams object), whose owner checkpoints them
         self._owns_main_params = owns_main_params
@@ -164,7 +168,7 @@ class MixedPrecisionOptimizer:
 
     def _unscale_and_find_inf(self, grads: list[torch.Tensor]) -> bool:
         """Multiply ``grads`` by 1/scale in place; True when any is Inf/NaN on any rank."""
-        device = self._main_params[0].device
+        device = self._device
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
             # the fused kernel torch's GradScaler and Megatron use: unscale and test in one pass
@@ -176,7 +180,10 @@ class MixedPrecisionOptimizer:
         return bool(found_inf.item())
 
     def _global_grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        else:  # nothing here (a ZeRO-1 rank owning no element): 0, on the device the collective needs
+            norm = torch.zeros((), dtype=torch.float32, device=self._device)
         if self.grad_norm_process_group is not None:
             # sharded params: each rank holds different gradients; ||g||^2 is the sum of the shards'
             squared = norm.double() ** 2

@@ -93,7 +93,7 @@ def _future_of(work: dist.Work, value: torch.Tensor) -> torch.futures.Future[tor
     gloo's reduce-scatter Work implements no Future (``Work::getFuture not implemented``), though the
     collective itself runs asynchronously on gloo's worker threads. A small waiter thread completes the
     Future when the Work is done, so the reduce-scatter overlaps the rest of the backward on CPU too
-    (waiting at launch instead cost ZeRO-1 ~10% of a step on 2 CPU ranks: BENCHMARKS.md, issue 12).
+    (on 2 CPU ranks with 2 cores this measured no net gain: no core is idle; BENCHMARKS.md, issue 12).
     The collective was enqueued by the caller, so the collective order is untouched.
     """
     try:

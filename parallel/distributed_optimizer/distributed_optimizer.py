@@ -94,7 +94,10 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         if not groups:  # this rank owns no element (a tiny model on many ranks): a state-less stand-in
             groups = [{"params": [torch.zeros(0, device=ddp.buckets[0].param_data.device)]}]
         optimizer = (inner_factory or adamw_factory(config))(groups)
-        super().__init__(optimizer, model_shards, main_shards, config, grad_scaler, group, group)
+        device = ddp.buckets[0].param_data.device
+        super().__init__(
+            optimizer, model_shards, main_shards, config, grad_scaler, group, group, device=device
+        )
         self._gather = ParamGather(ddp, overlap=overlap_param_gather, prefetch_depth=prefetch_depth)
 
     # ---- the step (the base class's step() calls these) ----------------------------------------------

@@ -2,19 +2,25 @@
 and receives the others', in place in the DDP's param buffer.
 
 Without overlap, ``start()`` gathers every bucket and returns once all are complete. With overlap,
-``start()`` launches the first ``prefetch_depth`` buckets in *forward order* and returns; a forward
-pre-hook on each module that owns parameters waits for the bucket(s) holding them, launching the next
-bucket in forward order whenever one is waited for; a forward post-hook on the root module waits for
-anything left (a bucket no forward touched), so a forward always ends with complete weights.
+``start()`` launches the first ``prefetch_depth`` buckets in *forward order* and returns; during the
+next forward a ``TorchFunctionMode`` watches every torch call, and the first call that touches a
+parameter of a bucket still in flight waits for that bucket (launching the buckets before it in
+forward order first, and then the next ones up to ``prefetch_depth`` ahead). A forward hook on the
+root module (``always_call``: also when the forward raises) leaves the mode and waits for anything
+left, so a forward always ends with complete weights.
+
+Why a mode and not module hooks: a model may read a weight without calling the module that owns it
+(Z2allForCausalLM hands ``lm_head.weight`` to the fused loss kernel and the MLP's three weights to the
+SwiGLU kernel); every read of a tensor goes through a torch function, so the mode sees them all.
 
 Forward order is the reverse of the DDP's bucket index (buckets are numbered by expected gradient
-readiness, i.e. reverse registration order, and a Llama runs forward in registration order). The
-*launch* sequence is a pure function of that order and of which module runs when, so it is the same
-on every rank; a module that needs a bucket not launched yet launches every bucket before it in
-forward order first, which keeps the sequence identical even when a model runs out of order.
+readiness, i.e. reverse registration order). The launch sequence is a pure function of that order and
+of which parameters the forward touches when, so it is the same on every rank as long as every rank
+runs the same forward; a rank that may run none (evaluation with fewer batches than ranks) must call
+``finish()`` first, as the trainer does before every evaluation, checkpoint and the end of a run.
 
-Invariant: between ``start()`` and the end of the next forward (or ``finish()``), weights outside
-this rank's shards may be stale; nothing reads them then except the forward, which waits.
+Invariant: between ``start()`` and the end of the next forward (or ``finish()``), weights outside this
+rank's shards may be stale; nothing may read them then except that forward, which waits.
 """
 
 from __future__ import annotations
@@ -22,6 +28,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+class _WaitOnUse(TorchFunctionMode):
+    """Before any torch call reads a parameter of a bucket in flight: wait for that bucket."""
+
+    def __init__(self, gather: ParamGather):
+        super().__init__()
+        self.gather = gather
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        g = self.gather
+        if g.pending():
+            for a in (*args, *kwargs.values()):
+                for t in a if isinstance(a, (list, tuple)) else (a,):
+                    i = g.position_of.get(id(t))
+                    if i is not None and i not in g.done:
+                        g.wait(i)
+        return func(*args, **kwargs)
 
 
 class ParamGather:
@@ -35,19 +61,33 @@ class ParamGather:
         self.depth = prefetch_depth
         self._work: dict[int, dist.Work] = {}  # position in self.order -> in-flight all-gather
         self._launched = len(self.order)  # positions [0, _launched) launched this round (none pending)
-        self._done: set[int] = set(range(len(self.order)))
+        self.done: set[int] = set(range(len(self.order)))
+        # id(parameter) -> its bucket's position in forward order (ids: parameters live as long as ddp)
+        self.position_of = {id(p): i for i, b in enumerate(self.order) for p in b.params}
         self.bytes_sent = 0  # payload handed to all-gathers since construction (this rank's shards)
         self._handles = []
+        self._mode: _WaitOnUse | None = None
         if overlap:
-            position = {id(b): i for i, b in enumerate(self.order)}
-            bucket_of = {p: b for b in ddp.buckets for p in b.params}
-            for module in ddp.module.modules():
-                own = [p for p in module.parameters(recurse=False) if p in bucket_of]
-                mine = {position[id(bucket_of[p])] for p in own}
-                if mine:
-                    self._handles.append(module.register_forward_pre_hook(self._pre_hook(sorted(mine))))
-            self._handles.append(ddp.module.register_forward_hook(lambda *_: self.finish()))
+            root: nn.Module = ddp.module
+            self._handles.append(root.register_forward_pre_hook(self._enter))
+            self._handles.append(root.register_forward_hook(self._leave, always_call=True))
 
+    # ---- the forward ---------------------------------------------------------------------------------
+    def pending(self) -> bool:
+        return len(self.done) < len(self.order)
+
+    def _enter(self, module, args) -> None:
+        if self.pending() and self._mode is None:
+            self._mode = _WaitOnUse(self)
+            self._mode.__enter__()
+
+    def _leave(self, module, args, output) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        self.finish()
+
+    # ---- launching and waiting -----------------------------------------------------------------------
     def _shard(self, bucket) -> torch.Tensor:
         lo, hi = bucket.shard_range(self.rank, self.world)
         return bucket.param_data[lo - bucket.start : hi - bucket.start]
@@ -61,29 +101,21 @@ class ParamGather:
         self._work[i] = dist.all_gather_single(bucket.param_data, shard, group=self.group, async_op=True)
         self._launched += 1
 
-    def _wait(self, i: int) -> None:
+    def wait(self, i: int) -> None:
+        """Bucket ``i`` (forward order) complete; keep ``prefetch_depth`` more in flight."""
         while self._launched <= i:
             self._launch_next()
         work = self._work.pop(i, None)
         if work is not None:
             work.wait()
-            self._done.add(i)
-        # keep `depth` gathers in flight ahead of the forward
+        self.done.add(i)
         while self._launched < len(self.order) and self._launched < i + 1 + self.depth:
             self._launch_next()
-
-    def _pre_hook(self, positions: list[int]):
-        def hook(module: nn.Module, args) -> None:
-            for i in positions:
-                if i not in self._done:
-                    self._wait(i)
-
-        return hook
 
     def start(self) -> None:
         """Launch this step's gathers (all of them and wait, without overlap)."""
         self.finish()  # a previous round must be complete before its buffers are sent again
-        self._launched, self._done = 0, set()
+        self._launched, self.done = 0, set()
         if not self.overlap:
             self.finish()
             return
@@ -93,8 +125,8 @@ class ParamGather:
     def finish(self) -> None:
         """Launch whatever is left, in order, and wait for everything."""
         for i in range(len(self.order)):
-            if i not in self._done:
-                self._wait(i)
+            if i not in self.done:
+                self.wait(i)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -10,6 +10,7 @@ overlap_grad_reduce + overlap_param_gather, with small buckets (parameters strad
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -246,3 +247,93 @@ def test_rectangles_cover_a_flat_range_exactly():
                     assert block.flatten().tolist() == list(range(lo, hi)), (shape, start, end, off, size)
                     flat += block.flatten().tolist()
                 assert flat == list(range(start, end)), (shape, start, end)
+
+
+class _LazyGather:
+    """An all-gather that happens only when waited for: what a collective still in flight looks like
+    to a forward that reads the weights too early (it would see the previous step's values)."""
+
+    def __init__(self, out, inp, group):
+        self.args = (out, inp.clone(), group)
+
+    def wait(self):
+        out, inp, group = self.args
+        torch.distributed.all_gather_single(out, inp, group=group)
+        return True
+
+
+def _llama_overlap(rank, world, overlap, lazy):
+    """The real Llama, whose fused kernels read lm_head's and the MLPs' weights without calling those
+    modules; a vocabulary large enough that lm_head is a bucket of its own."""
+    import parallel.distributed_optimizer.param_gather as pg
+    from tests.model.helpers import tiny_config
+    from z2all.model import Z2allForCausalLM
+
+    if lazy:
+        pg.dist = types.SimpleNamespace(
+            all_gather_single=lambda out, inp, group=None, async_op=False: _LazyGather(out, inp, group)
+        )
+    torch.manual_seed(0)
+    model = Z2allForCausalLM(tiny_config(vocab_size=8192))
+    ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=True, bucket_size=40_000)
+    ddp = DistributedDataParallel(ddp_cfg, model)
+    opt = DistributedOptimizer(ddp, CFG, overlap_param_gather=overlap, prefetch_depth=1)
+    g = torch.Generator().manual_seed(5)
+    losses = []
+    for _ in range(4):
+        ids = torch.randint(0, 8192, (2 * world, 17), generator=g)[rank * 2 : rank * 2 + 2]
+        loss = ddp(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        ddp.finish_grad_sync()
+        opt.step()
+        opt.zero_grad()
+        ddp.zero_grad_buffer()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(total.item())
+    return {"losses": losses, "buckets": len(ddp.buckets)}
+
+
+def _llama_variants(rank, world):
+    return {lazy: _llama_overlap(rank, world, True, lazy) for lazy in (False, True)} | {
+        "plain": _llama_overlap(rank, world, False, False)
+    }
+
+
+def test_overlapped_gather_waits_for_weights_read_by_fused_kernels():
+    """With every all-gather completing only when waited for, the overlapped forward must still
+    produce the unoverlapped losses exactly: each weight is waited for before its first read, also
+    those no module call reads (the loss kernel's lm_head, the SwiGLU kernel's projections)."""
+    res = run_distributed(_llama_variants, 2)[0]
+    assert res["plain"]["buckets"] > 3
+    assert res[False]["losses"] == res["plain"]["losses"]
+    assert res[True]["losses"] == res["plain"]["losses"]
+
+
+def _owns_nothing(rank, world):
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)  # two 1-element buckets, each padded to 128: rank 1 owns no element at all
+    ddp_cfg = DistributedDataParallelConfig(
+        use_distributed_optimizer=True, bucket_size=1, first_bucket_size=None
+    )
+    ddp = DistributedDataParallel(ddp_cfg, model.half())
+    cfg = OptimizerConfig(lr=1e-2, backend="foreach", grad_clip=1.0, initial_loss_scale=128.0)
+    opt = DistributedOptimizer(ddp, cfg, grad_scaler=DynamicGradScaler.from_config(cfg))
+    owned = sum(s.numel for s in opt.slices)
+    for step in range(3):
+        loss = ddp(torch.full((2, 1), float(step + 1)).half()).float().pow(2).mean()
+        opt.scale_loss(loss).backward()
+        ddp.finish_grad_sync(allow_nonfinite=True)
+        stepped, norm, _ = opt.step()
+        opt.zero_grad()
+        ddp.zero_grad_buffer()
+    return {"owned": owned, "stepped": stepped, "norm": norm, "w": model.weight.detach().float().clone()}
+
+
+def test_a_rank_owning_no_element_takes_part_in_every_collective():
+    """fp16 + clipping on a rank with no shard: its overflow flag and squared norm are zeros on the
+    right device, the step agrees on every rank and the weights stay identical."""
+    a, b = run_distributed(_owns_nothing, 2)
+    assert (a["owned"], b["owned"]) == (2, 0)
+    assert a["stepped"] and b["stepped"] and a["norm"] == b["norm"] > 0
+    assert torch.equal(a["w"], b["w"])

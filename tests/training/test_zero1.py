@@ -24,6 +24,8 @@ from z2all.training.build import optimizer_factory
 from z2all.training.metrics import read_metrics
 
 BASE = dict(gradient_accumulation_steps=12, train_batch_size=2, eval_interval=0, save_interval=3)
+# 400-element buckets: TinyLM's 1,584 parameters in 3 buckets (a 512-element weight each), whose
+# shards split parameters
 ZERO = dict(use_distributed_optimizer=True, overlap_param_gather=True, bucket_size=400)
 
 
@@ -68,6 +70,9 @@ def test_zero1_equals_one_process_and_reshards_across_world_sizes(tmp_path):
         2,
         {
             "ddp": ("run", tmp_path / "ddp2", {}),  # the same 2 ranks, the unsharded optimizer
+            # evaluation on fewer batches than ranks: rank 1 runs no forward to wait for the gathers in
+            "ddp-eval": ("run", tmp_path / "ddp2-eval", {"eval_interval": 3, "eval_iters": 1}),
+            "eval": ("run", tmp_path / "zero2-eval", {**ZERO, "eval_interval": 3, "eval_iters": 1}),
             "full": ("run", tmp_path / "zero2-full", ZERO),
             "no-overlap": ("run", tmp_path / "zero2-plain-gather", {**ZERO, "overlap_param_gather": False}),
             "part": ("run", tmp_path / "zero2", {**ZERO, "max_iters": 3}),
@@ -80,6 +85,13 @@ def test_zero1_equals_one_process_and_reshards_across_world_sizes(tmp_path):
     _close(two["full"], two["ddp"], 1e-5)
     _close(two["no-overlap"], two["ddp"], 1e-5)
     _close(two["full"], ref, 1e-4)
+    _close(two["eval"], two["ddp-eval"], 1e-5)
+    vals = [
+        [r["val_loss"] for r in read_metrics(tmp_path / d) if "val_loss" in r]
+        for d in ("zero2-eval", "ddp2-eval")
+    ]
+    assert len(vals[0]) == 2
+    _close(vals[0], vals[1], 1e-5)
     _close(two["from-plain"], ref, 1e-4)  # an unsharded optimizer's checkpoint, into ZeRO-1
     info = json.loads((tmp_path / "zero2-full" / "run_info.json").read_text())
     assert info["use_distributed_optimizer"] and info["optimizer"] == "DistributedOptimizer"
@@ -96,11 +108,26 @@ def test_zero1_equals_one_process_and_reshards_across_world_sizes(tmp_path):
             "part3": ("run", tmp_path / "zero3", {**ZERO, "max_iters": 3}),
         },
     )[0]
-    four = run_distributed(_on_ranks, 4, {"to4": ("resume", tmp_path / "to4", ZERO)})[0]
-    back = run_distributed(_on_ranks, 2, {"from3": ("resume", tmp_path / "zero3", ZERO)})[0]
+    four = run_distributed(
+        _on_ranks,
+        4,
+        {
+            "to4": ("resume", tmp_path / "to4", ZERO),
+            "part4": ("run", tmp_path / "zero4", {**ZERO, "max_iters": 3}),
+        },
+    )[0]
+    back = run_distributed(
+        _on_ranks,
+        2,
+        {
+            "from3": ("resume", tmp_path / "zero3", ZERO),
+            "from4": ("resume", tmp_path / "zero4", ZERO),
+        },
+    )[0]
     _close(three["to3"], ref, 1e-4)  # 2 -> 3 ranks: other shard boundaries, other lcm(W, 128) padding
     _close(four["to4"], ref, 1e-4)
     _close(back["from3"], ref, 1e-4)  # 3 -> 2
+    _close(back["from4"], ref, 1e-4)  # 4 -> 2
     _close(_resume(tmp_path / "to1"), ref, 1e-4)  # into the unsharded optimizer on one process
     _close(_resume(tmp_path / "to1-zero", **ZERO), ref, 1e-4)  # ZeRO-1 on a one-rank group
 

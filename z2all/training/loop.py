@@ -289,6 +289,9 @@ class Trainer:
         """
         if self.val_sampler is None:
             return None
+        # ZeRO-1 --overlap_param_gather: a rank with no evaluation batch (eval_iters < world) runs no
+        # forward to wait in, so every rank completes the weights' all-gathers first
+        self._finish_param_sync()
         p = self.p
         model = p.run_model
         was_training = model.training

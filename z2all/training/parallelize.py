@@ -200,6 +200,8 @@ class DataParallelModel:
             param_grad_copies=not self._half_params or (cfg.overlap_optim_step and not single),
             overlap_grad_reduce=cfg.overlap_grad_reduce,
             bucket_size=cfg.bucket_size,
+            # the small first bucket (communication starts early) is never larger than the others
+            first_bucket_size=min(DistributedDataParallelConfig.first_bucket_size, cfg.bucket_size),
             check_for_nan_in_grad=cfg.check_for_nan_in_grad,
             use_distributed_optimizer=self._zero,
         )
