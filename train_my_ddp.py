@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
             build_trainer(cfg, rt).run()
     except PreemptedStop as e:
         logging.getLogger("train_my_ddp").warning("%s", e)
-        return _deliberate(cfg, exit_codes.PREEMPTED)
+        return _deliberate(cfg, exit_codes.PREEMPTED, "exit_after_minutes" if e.timed else "signal")
     except NONFINITE_ERRORS as e:
         _report(e, cfg.debug)
         return _deliberate(cfg, exit_codes.NONFINITE)
@@ -113,10 +113,10 @@ def main(argv: list[str]) -> int:
     return exit_codes.OK
 
 
-def _deliberate(cfg, code: int) -> int:
+def _deliberate(cfg, code: int, reason: str = "") -> int:
     """Record why we exit (``<out_dir>/exit_code.json``, rank 0): under torchrun a supervisor sees only
     the agent's 1."""
-    write_exit_code(cfg.out_dir, code, env_rank())
+    write_exit_code(cfg.out_dir, code, env_rank(), reason)
     return code
 
 

@@ -30,22 +30,24 @@ class SignallingLM(TinyLM):
     """TinyLM that sends ``sig`` to its own process during the first training forward of ``at_step``
     (1-based), on rank ``on_rank`` only."""
 
-    def __init__(self, micro: int, at_step: int, sig=signal.SIGTERM, on_rank: int = 0):
+    def __init__(self, micro: int, at_step: int, sig=signal.SIGTERM, on_rank: int = 0, times: int = 1):
         super().__init__()
         self.micro, self.at_step, self.sig, self.on_rank, self.calls = micro, at_step, sig, on_rank, 0
+        self.times = times
 
     def forward(self, input_ids, targets=None, return_logits: bool = True):
         if self.training:
             self.calls += 1
             rank = int(os.environ.get("RANK", "0"))
             if self.calls == (self.at_step - 1) * self.micro + 1 and rank == self.on_rank:
-                os.kill(os.getpid(), self.sig)
+                for _ in range(self.times):
+                    os.kill(os.getpid(), self.sig)
         return super().forward(input_ids, targets, return_logits)
 
 
-def _signalling(cfg, at_step, sig=signal.SIGTERM, on_rank=0, world=1):
+def _signalling(cfg, at_step, sig=signal.SIGTERM, on_rank=0, world=1, times=1):
     comp = make_components(cfg)
-    model = SignallingLM(cfg.gradient_accumulation_steps // world, at_step, sig, on_rank)
+    model = SignallingLM(cfg.gradient_accumulation_steps // world, at_step, sig, on_rank, times)
     model.load_state_dict(comp.model.state_dict())
     comp.model = model
     return comp
@@ -71,6 +73,15 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact
     res = make_cfg(tmp_path / "run", resume=True, save_interval=0)
     train(res, make_components(res))
     assert _losses(read_metrics(tmp_path / "run")) == full  # steps 1..3, then 4..6 resumed: bit for bit
+
+
+def test_repeated_sigterms_are_one_request(tmp_path):
+    """Slurm signals every process of a step, a monitor and torchrun forward theirs: three SIGTERMs
+    in a row still let the step finish and the checkpoint be written."""
+    cfg = make_cfg(tmp_path / "run", save_interval=0)
+    with pytest.raises(PreemptedStop, match=r"\(SIGTERM\) after step 2"):
+        train(cfg, _signalling(cfg, at_step=2, times=3))
+    assert saved_steps(tmp_path / "run") == [2]
 
 
 def _rank_signal(rank, world, out_dir):

@@ -8,9 +8,10 @@ torch.compile may take minutes), after every optimizer step ("step"), and when a
 checkpoint save starts ("eval", "save"). The monitor treats a "step" heartbeat older than its
 ``--heartbeat_timeout`` as a hang and grants the other phases a longer grace.
 
-``exit_code.json`` = ``{"code": int, "rank": int, "time": float}``, written just before a deliberate
-exit with exit_codes.USER_ERROR, NONFINITE or PREEMPTED: under torchrun the agent exits 1 for any
-failed rank, so this file is how a supervisor tells "resume" or "do not restart" from a crash.
+``exit_code.json`` = ``{"code": int, "rank": int, "time": float, "reason": str}``, written just before
+a deliberate exit with exit_codes.USER_ERROR, NONFINITE or PREEMPTED: under torchrun the agent exits 1
+for any failed rank, so this file is how a supervisor tells "resume" or "do not restart" from a crash.
+``reason`` "exit_after_minutes" means the allocation's time is up: resume in the next one, not here.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ class Heartbeat:
             pass  # a full disk must not stop training for the sake of a watchdog's file
 
 
-def write_exit_code(out_dir: str | os.PathLike, code: int, rank: int) -> None:
-    """Record a deliberate exit (see the module docstring); rank 0 only, best effort."""
+def write_exit_code(out_dir: str | os.PathLike, code: int, rank: int, reason: str = "") -> None:
+    """Record a deliberate exit (see the module docstring); rank 0 only, best effort. ``reason``:
+    ``"exit_after_minutes"`` tells a supervisor not to resume within this allocation."""
     path = Path(out_dir) / EXIT_CODE
     if rank != 0 or not path.parent.is_dir():
         return
     try:
-        _write(path, {"code": code, "rank": rank, "time": time.time()})
+        _write(path, {"code": code, "rank": rank, "time": time.time(), "reason": reason})
     except OSError:
         pass

@@ -396,7 +396,8 @@ class Trainer:
                 if stop_now and not last:
                     raise PreemptedStop(
                         f"stopped on request ({self.stop.reason()}) after step {done}: saved {path}; "
-                        "continue with --resume"
+                        "continue with --resume",
+                        timed=self.stop.timed(),
                     )
             self.heartbeat.beat(done, "step")
         self._finish_param_sync()

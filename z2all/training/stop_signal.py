@@ -3,8 +3,8 @@
 The handler only records the request. The loop adds ``requested()`` to the one all-reduce it already
 does every step, so every rank learns of a request on ANY rank at the same step; that step completes,
 a checkpoint is saved there and the run stops with :class:`PreemptedStop` (train_my_ddp.py exits with
-exit_codes.PREEMPTED, which a supervisor resumes without counting a crash). A second signal while the
-stop is under way restores Python's default handling (a second Ctrl-C interrupts at once).
+exit_codes.PREEMPTED, which a supervisor resumes without counting a crash). More SIGTERMs while the
+stop is under way are the same request; a second Ctrl-C (SIGINT) interrupts at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptedStop(Exception):
-    """The run stopped on request at a step it saved (exit_codes.PREEMPTED)."""
+    """The run stopped on request at a step it saved (exit_codes.PREEMPTED); ``timed``: by
+    ``--exit_after_minutes`` (the allocation ends: not to be resumed within it)."""
+
+    def __init__(self, message: str, timed: bool = False):
+        super().__init__(message)
+        self.timed = timed
 
 
 class StopSignal:
@@ -33,9 +38,12 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # the second one: as if we had never installed a handler
-            self.restore()
-            signal.raise_signal(signum)
+        if self.received is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: as if we had never installed a handler
+                self.restore()
+                signal.raise_signal(signum)
+            # more SIGTERMs are the same request (Slurm signals every process of a step, a monitor and
+            # torchrun forward theirs): the save must not be cut short
             return
         self.received = signal.Signals(signum).name
         logger.warning("%s received: stopping after this step with a checkpoint", self.received)
@@ -43,6 +51,9 @@ class StopSignal:
     def requested(self) -> bool:
         """A signal arrived, or ``--exit_after_minutes`` has passed (on this rank)."""
         return self.received is not None or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def timed(self) -> bool:
+        return self.received is None and self.deadline is not None and time.monotonic() >= self.deadline
 
     def reason(self) -> str:
         if self.received is not None:
