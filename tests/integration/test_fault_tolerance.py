@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.training.test_loop_real import prepare_corpus
+from tests.training.test_train_cli import _tiny_flags
 from z2all.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,21 +30,8 @@ STEPS = 12
 
 
 def _flags(tok, pretok, out_dir) -> list[str]:
-    return [
-        f"--data_dir={pretok}",
-        f"--tokenizer_dir={tok}",
-        "--model_config=tiny",
-        "--max_seq_len=64",
-        "--train_batch_size=2",
-        "--gradient_accumulation_steps=2",
-        "--learning_rate=3e-3",
-        "--warmup_iters=1",
-        f"--max_iters={STEPS}",
-        "--save_interval=2",
-        "--eval_interval=0",
-        "--seed=5",
-        f"--out_dir={out_dir}",
-    ]
+    return [*_tiny_flags(tok, pretok), f"--max_iters={STEPS}", "--save_interval=2", "--eval_interval=0",
+            f"--out_dir={out_dir}"]  # fmt: skip
 
 
 def _torchrun(*flags) -> list[str]:
