@@ -75,11 +75,6 @@ class MainParams:
         """The fp32 copy of ``weight`` (KeyError for a weight not given at construction)."""
         return self._main[weight]
 
-    @property
-    def weights(self) -> list[torch.Tensor]:
-        """The weights, each once, in the order first given."""
-        return list(self._weights)
-
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Round every main copy into its weight, in place."""

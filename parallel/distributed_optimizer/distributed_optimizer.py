@@ -74,6 +74,12 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         self.ddp = ddp
         group = ddp.process_group
         self.slices: list[OwnedSlice] = owned_slices(ddp.param_and_grad_buffers, ddp.dp_rank, ddp.dp_size)
+        self._mine = {s.param: i for i, s in enumerate(self.slices)}  # param -> index of its slice here
+        # param -> every rank's (rank, start, end): the global layout of a sharded checkpoint entry
+        self._ranges: dict[nn.Parameter, list[tuple[int, int, int]]] = {}
+        for r in range(ddp.dp_size):
+            for s in owned_slices(ddp.param_and_grad_buffers, r, ddp.dp_size):
+                self._ranges.setdefault(s.param, []).append((r, s.start, s.end))
         model_shards, main_shards = [], []
         decay, no_decay = [], []
         for s in self.slices:
@@ -142,27 +148,15 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         self._gather.remove()
 
     # ---- checkpoints: the canonical per-parameter layout (sharded_state.py) ---------------------------
-    def _layout(self) -> tuple[dict, dict]:
-        """(param -> every rank's (rank, start, end), param -> index of this rank's slice)."""
-        if getattr(self, "_ranges", None) is None:
-            ranges: dict[nn.Parameter, list[tuple[int, int, int]]] = {}
-            for r in range(self.ddp.dp_size):
-                for sl in owned_slices(self.ddp.param_and_grad_buffers, r, self.ddp.dp_size):
-                    ranges.setdefault(sl.param, []).append((r, sl.start, sl.end))
-            self._ranges = ranges
-            self._mine = {sl.param: i for i, sl in enumerate(self.slices)}
-        return self._ranges, self._mine
-
     def _sharded(self, param: nn.Parameter, local_of) -> ShardedTensor:
-        ranges, mine = self._layout()
-        i = mine.get(param)
+        i = self._mine.get(param)
         sl = self.slices[i] if i is not None else None
         local = local_of(i) if i is not None else None
         return sharded_tensor(
             local,
             (sl.start, sl.end) if sl is not None else None,
             tuple(param.shape),
-            ranges[param],
+            self._ranges[param],
             self.ddp.dp_rank,
             torch.float32,
             param.device,
@@ -206,7 +200,6 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             return {}
         if for_load:
             self._materialize_state()
-        _, mine = self._layout()
         local_steps = [st["step"] for st in self.optimizer.state.values() if "step" in st]
         step = float(max(local_steps)) if local_steps else 0.0  # every shard steps together
         state = {}
@@ -232,20 +225,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         if not sd:
             self.optimizer.state.clear()
             return
-        _, mine = self._layout()
         for name, p in named:
-            i = mine.get(p)
+            i = self._mine.get(p)
             if i is not None:
                 self.optimizer.state[self._main_params[i]]["step"].fill_(float(sd["state"][name]["step"]))
-
-
-def shard_of(
-    ddp: DistributedDataParallel, param: nn.Parameter, rank: int | None = None
-) -> tuple[int, int] | None:
-    """``(start, end)`` of ``param.view(-1)`` that ``rank`` (default: this one) owns, or None."""
-    rank = ddp.dp_rank if rank is None else rank
-    found = [s for s in owned_slices(ddp.param_and_grad_buffers, rank, ddp.dp_size) if s.param is param]
-    if not found:
-        return None
-    assert len(found) == 1  # a parameter lies in one bucket, whose shard r is contiguous
-    return found[0].start, found[0].end

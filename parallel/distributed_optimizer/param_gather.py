@@ -64,7 +64,6 @@ class ParamGather:
         self.done: set[int] = set(range(len(self.order)))
         # id(parameter) -> its bucket's position in forward order (ids: parameters live as long as ddp)
         self.position_of = {id(p): i for i, b in enumerate(self.order) for p in b.params}
-        self.bytes_sent = 0  # payload handed to all-gathers since construction (this rank's shards)
         self._handles = []
         self._mode: _WaitOnUse | None = None
         if overlap:
@@ -96,7 +95,6 @@ class ParamGather:
         i = self._launched
         bucket = self.order[i]
         shard = self._shard(bucket)
-        self.bytes_sent += shard.numel() * shard.element_size()
         # in place: the input is this rank's slice of the output, as Megatron's all-gather
         self._work[i] = dist.all_gather_single(bucket.param_data, shard, group=self.group, async_op=True)
         self._launched += 1

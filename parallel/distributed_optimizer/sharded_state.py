@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
@@ -84,10 +83,3 @@ def sharded_tensor(
     with warnings.catch_warnings():  # torch deprecates ShardedTensor for DTensor, which cannot express
         warnings.simplefilter("ignore", FutureWarning)  # uneven flat ranges; DCP reads both
         return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)
-
-
-def local_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors this rank holds of ``value``: a ShardedTensor's local shards, or the tensor itself."""
-    if isinstance(value, ShardedTensor):
-        return [s.tensor for s in value.local_shards()]
-    return [value] if torch.is_tensor(value) else []

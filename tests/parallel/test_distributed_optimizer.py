@@ -147,14 +147,14 @@ def _bf16(rank, world):
 
 def test_zero1_bf16_weights_hold_fp32_main_shards_and_track_fp32():
     """bf16 weights: 4/W bytes of fp32 main params and 8/W of moments per parameter on each rank; the
-    trajectory follows fp32 to bf16's rounding of the forward (loose: it is another precision)."""
+    trajectory follows fp32 to bf16's rounding of the forward (measured: 4.5e-4 relative at most)."""
     res = run_distributed(_bf16, 2)
     ref_losses, _ = _reference()
     assert sum(r["main_per_param"] for r in res) == 4.0  # every element's fp32 copy, once
     assert 8.0 <= sum(r["state_per_param"] for r in res) <= 8.05
     for r in res:
         assert abs(r["main_per_param"] - 2.0) < 0.25 and abs(r["state_per_param"] - 4.0) < 0.5
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=3e-2, atol=0)
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=2e-3, atol=0)
     assert res[0]["weights"].keys() == res[1]["weights"].keys()
     assert all(torch.equal(res[0]["weights"][k], res[1]["weights"][k]) for k in res[0]["weights"])
 

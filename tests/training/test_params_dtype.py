@@ -115,14 +115,13 @@ def _bf16_rank(rank, world, out_dir):
 
 
 def test_two_ranks_equal_one_rank_with_bf16_weights(tmp_path):
-    """The fp32 gradient sums of 2 ranks' micro-batches and of 1 rank's accumulation agree to fp32
-    rounding; the steps then run on the same fp32 main params, so the trajectories agree closely."""
+    """The fp32 main_grad of 2 ranks' micro-batches (each scaled by 1/2 in the all-reduce) and of 1
+    rank's accumulation of the same two (each loss scaled by 1/2) are the same sums of the same bf16
+    gradients, scaled by powers of two: the trajectories are identical (measured), not merely close."""
     cfg = make_cfg(tmp_path / "one", save_interval=0, **BF16)
     one = _losses(train(cfg, make_components(cfg)).history)
     two = run_distributed(_bf16_rank, 2, str(tmp_path / "two"))
-    assert two[0] == two[1]  # all-reduced numbers: the same on every rank
-    torch.testing.assert_close(torch.tensor(two[0]), torch.tensor(one), rtol=2e-3, atol=0)
-    assert sum(p.numel() for p in TinyLM().parameters()) > 0
+    assert two[0] == two[1] == one
 
 
 def _with_unused(cfg):

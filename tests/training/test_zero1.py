@@ -140,7 +140,7 @@ def test_zero1_bf16_weights_keep_fp32_main_shards_in_the_checkpoint(tmp_path):
         _on_ranks, 2, {"zero": ("run", tmp_path / "zero", {**ZERO, **bf16, "max_iters": 3})}
     )[0]
     plain = _run(tmp_path / "plain", max_iters=3, **bf16)
-    torch.testing.assert_close(torch.tensor(sharded["zero"]), torch.tensor(plain), rtol=1e-2, atol=0)
+    assert sharded["zero"] == plain  # the same fp32 arithmetic per element, bf16 losses (measured identical)
     from tests.training.test_params_dtype import load_model_weights_dir
 
     weights = load_model_weights_dir(tmp_path / "zero")

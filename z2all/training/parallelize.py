@@ -59,6 +59,7 @@ from parallel.ddp_comm_hooks.powerSGD_hook import PowerSGDConfig, PowerSGDState,
 from z2all.training.config import ConfigError
 
 logger = logging.getLogger(__name__)
+_NONE: frozenset = frozenset()  # no parameter unused this step (the usual case): nothing to build
 
 
 class _ByteCounter:
@@ -308,21 +309,10 @@ class DataParallelModel:
     def _unused(self) -> set:
         unused = self.wrapped.unused_params
         if not unused:
-            return set()
+            return _NONE
         if self._unused_cache is None or self._unused_cache[0] is not unused:
             self._unused_cache = (unused, set(unused))
         return self._unused_cache[1]
-
-    def param_buffer_bytes(self) -> tuple[int, int] | None:
-        """(bytes of the weight buffers, bytes of the gradient buffers) of z2all DDP, padding included;
-        None without its buffers."""
-        if self.impl != "z2all":
-            return None
-        bufs = self.wrapped.param_and_grad_buffers
-        return (
-            sum(b.param_data.numel() * b.param_data.element_size() for b in bufs),
-            sum(b.grad_data.numel() * b.grad_data.element_size() for b in bufs),
-        )
 
     @property
     def steps_optimizer(self) -> bool:
