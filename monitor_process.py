@@ -1,7 +1,9 @@
 """Run a training command, watch it, restart it when it crashes or hangs (docs/fault_tolerance.md).
 
     python monitor_process.py [--max_restarts=10] [--restart_delay=10] [--heartbeat_timeout=300]
-        [--startup_grace=900] [--crash_loop=3] [--log_file=PATH] -- COMMAND ...
+        [--startup_grace=900] [--crash_loop=3] [--log_file=PATH]
+        [--hosts=H1,H2 [--ssh=ssh] [--ssh_option=OPT ...] [--remote_cwd=DIR] [--remote_python=PATH]
+         [--remote_env=NAME,...]] -- COMMAND ...
     e.g. -- torchrun --standalone --nproc_per_node=4 train_my_ddp.py cfg.json --out_dir=runs/a
 
 Imports none of the training code (STYLE.md): a watchdog must survive whatever breaks training, so
@@ -11,16 +13,17 @@ the exit codes of ``z2all/training/exit_codes.py`` and two files rank 0 writes i
 
 One attempt::
 
-    start  Popen(command [+ --resume once the run folder holds a run], start_new_session=True)
-    watch  every POLL_S: exited?  newest heartbeat too old?  SIGTERM/SIGINT to the monitor?
+    start  the command [+ --resume once the run folder holds a run], here (a session of its own) and,
+           with --hosts, on each host over ssh (z2all/monitor_jobs.py: an agent there runs it)
+    watch  every POLL_S: a part exited?  newest heartbeat too old?  SIGTERM/SIGINT to the monitor?
     end    exit code (or exit_code.json under torchrun) -> done | restart | stop
-           hang -> kill every process of the attempt; counts as a crash
+           hang, or a part that failed -> kill every process of every part; counts as a crash
 
-Invariant: no process of an attempt is left when the next one starts, so a hung rank cannot keep
-its GPU memory or its port. The attempt's process group is not enough to find them all: torchrun
-starts every rank in a session of its own. So each attempt's processes also inherit the environment
-variable ``Z2ALL_MONITOR_JOB=<token>``, and the monitor finds those outside the group by it in
-``/proc`` (Linux; elsewhere only the group is seen).
+Invariant: no process of an attempt is left, here or on a host, when the next one starts, so a hung
+rank cannot keep its GPU memory or its port (how its processes are all found: z2all/monitor_jobs.py).
+
+``monitor_process.py --agent=MARK [--agent_env=NAME=VALUE ...] -- COMMAND`` is the remote side of
+--hosts, started by the head monitor over ssh; it is not meant to be typed.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ import os
 import secrets
 import shlex
 import signal
-import subprocess
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from z2all import monitor_jobs as jobs
 
 # The trainer's exit codes (z2all/training/exit_codes.py, mirrored: see the module docstring).
 OK = 0  # the run reached --max_iters: done
@@ -50,11 +55,10 @@ DELIBERATE = (USER_ERROR, NONFINITE, PREEMPTED)  # the codes rank 0 records in e
 
 HEARTBEAT = "heartbeat.json"
 EXIT_CODE = "exit_code.json"
-JOB_MARK = "Z2ALL_MONITOR_JOB"
 
 POLL_S = 0.5  # how often the job and its heartbeat are looked at: hangs are seen this much late at most
-TERM_GRACE_S = 5.0  # a hung job gets this long between SIGTERM and SIGKILL
-KILL_WAIT_S = 60.0  # processes still there this long after SIGKILL: give up rather than start over them
+SETTLE_S = 5.0  # a part failed: the others get this long to end by themselves (and rank 0 to record a
+# deliberate exit: a node's torchrun may exit 1 for its ranks' 4 before rank 0 has written the file)
 MAX_RESTART_DELAY_S = 300.0
 TRUE_VALUES = ("1", "true", "yes", "on")  # z2all.cli_args.parse_bool's "true" spellings
 
@@ -72,6 +76,7 @@ class MonitorConfig:
     heartbeat_timeout: float
     startup_grace: float
     crash_loop: int
+    remote: jobs.RemoteConfig | None = None  # --hosts: where the command runs too
 
 
 # flag: (type, default, least value, help). A limit under POLL_S could not be watched: at least 1 s.
@@ -95,6 +100,7 @@ def parse_args(argv: list[str]) -> MonitorConfig:
     for name, (typ, default, _, text) in FLAGS.items():
         parser.add_argument(f"--{name}", type=typ, default=default, help=f"{text} (default: {default})")
     parser.add_argument("--log_file", help="where events are logged too (default: <out_dir>/monitor.log)")
+    jobs.add_remote_flags(parser)
     split = argv.index("--") if "--" in argv else len(argv)
     args = vars(parser.parse_args(argv[:split]))
     command = argv[split + 1 :]
@@ -110,7 +116,13 @@ def parse_args(argv: list[str]) -> MonitorConfig:
     except ValueError as e:
         parser.error(str(e))
     log_file = Path(args.pop("log_file") or out_dir / "monitor.log")
-    return MonitorConfig(command, out_dir, log_file, **args)
+    try:  # monitor_process.py at the same path there (a shared file system)
+        remote = jobs.remote_config(
+            {k: args.pop(k) for k in list(args) if k not in FLAGS}, str(Path(__file__).resolve())
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return MonitorConfig(command, out_dir, log_file, **args, remote=remote)
 
 
 def find_out_dir(command: list[str]) -> Path:
@@ -206,23 +218,17 @@ class _Attempt:
     number: int
     started: float  # time.time() just before Popen: files written before it belong to an earlier attempt
     best_before: int  # the highest completed step any earlier heartbeat showed
-    proc: subprocess.Popen
-    mark: str  # the value of JOB_MARK in its processes' environment
+    parts: list  # a LocalJob here, then a RemoteJob per --hosts entry (z2all/monitor_jobs.py)
     beat: _Beat | None = None  # its newest heartbeat
     max_step: int = -1  # the highest step its heartbeats showed after start-up
+    exited: set = field(default_factory=set)  # the indices of the parts whose exit was logged
+    rc: int | None = None  # the first non-zero exit code of a part: the attempt's code (0 if none)
+    failed_at: float = 0.0  # when that part exited (time.monotonic())
 
     @property
     def progressed(self) -> bool:
         """It completed a step no earlier attempt had (redoing steps since the checkpoint is not new)."""
         return self.max_step > self.best_before
-
-
-class _StuckProcesses(Exception):
-    """Processes of an attempt outlived SIGKILL (uninterruptible, or zombies nobody reaps)."""
-
-
-class CannotStartError(Exception):
-    """The command cannot be executed at all (not found, not executable): a user error."""
 
 
 class Monitor:
@@ -252,7 +258,7 @@ class Monitor:
             attempt = self._start(number, argv)
             try:
                 rc = self._watch(attempt)  # None: it hung and was killed
-            except _StuckProcesses as e:
+            except jobs.StuckProcesses as e:
                 logger.error("giving up: %s", e)
                 return CRASH
             self.best_step = max(self.best_step, attempt.max_step)
@@ -262,7 +268,7 @@ class Monitor:
             if self.best_step >= 0:
                 logger.info("last completed step seen in a heartbeat: %d", self.best_step)
             if not self._sleep(delay):
-                logger.info("stopped on %s before restarting", _sig_name(self.signals[0]))
+                logger.info("stopped on %s before restarting", jobs.sig_name(self.signals[0]))
                 return 128 + self.signals[0]
 
     def _decide(self, attempt: _Attempt, rc: int | None) -> tuple[int | None, float]:
@@ -270,7 +276,9 @@ class Monitor:
         code = CRASH if rc is None else self._effective_code(rc, attempt)  # a hang is a crash
         if self.signals:
             status = code if rc is not None and rc >= 0 else 128 + self.signals[0]
-            logger.info("stopped on %s, not restarting: exit status %d", _sig_name(self.signals[0]), status)
+            logger.info(
+                "stopped on %s, not restarting: exit status %d", jobs.sig_name(self.signals[0]), status
+            )
             return status, 0
         if code == OK:
             logger.info("attempt %d finished the run", attempt.number)
@@ -307,43 +315,82 @@ class Monitor:
         return None, delay
 
     def _start(self, number: int, argv: list[str]) -> _Attempt:
+        """The parts of one attempt: the command here, then on each host (each its own JOB_MARK)."""
         mark = f"{os.getpid()}-{number}-{secrets.token_hex(4)}"
+        hosts = self.cfg.remote.hosts if self.cfg.remote else ()
         started = time.time()
+        local = jobs.LocalJob(argv, mark, " here" if hosts else "")
+        logger.info("attempt %d started%s (pid %d): %s", number, local.where, local.pid, shlex.join(argv))
+        attempt = _Attempt(number, started, self.best_step, [local])
         try:
-            proc = subprocess.Popen(argv, start_new_session=True, env={**os.environ, JOB_MARK: mark})
-        except OSError as e:
-            raise CannotStartError(f"cannot run {argv[0]!r}: {e.strerror}") from None
-        logger.info("attempt %d started (pid %d): %s", number, proc.pid, shlex.join(argv))
-        return _Attempt(number, started, self.best_step, proc, mark)
+            for i, host in enumerate(hosts, 1):
+                attempt.parts.append(jobs.RemoteJob(self.cfg.remote, host, argv, f"{mark}-h{i}"))
+                logger.info("attempt %d started on %s: %s", number, host, shlex.join(attempt.parts[-1].argv))
+        except jobs.CannotStartError:
+            self._end(attempt, jobs.TERM_GRACE_S)
+            raise
+        return attempt
 
     def _watch(self, attempt: _Attempt) -> int | None:
-        """Poll until the job exits (its return code) or hangs (None: killed). A stop signal is
-        forwarded once as SIGTERM to its process group; a second one kills it."""
+        """Poll until every part has exited (the attempt's code: the first non-zero one, else 0) or
+        it hangs (None: killed). A part that failed ends the others SETTLE_S later unless its code,
+        by then, is OK or PREEMPTED (they are finishing or stopping too). A stop signal is forwarded
+        once to every part; a second one kills them."""
         forwarded = False
-        while (rc := attempt.proc.poll()) is None:
+        while self._note_exits(attempt):
             if self.signals and not forwarded:
                 what = "forwarding SIGTERM to the job, waiting for it to save and exit"
-                logger.info("%s received: %s (a second signal kills it)", _sig_name(self.signals[0]), what)
-                _signal(os.killpg, attempt.proc.pid, signal.SIGTERM)
+                logger.info(
+                    "%s received: %s (a second signal kills it)", jobs.sig_name(self.signals[0]), what
+                )
+                for part in attempt.parts:
+                    part.stop()
                 forwarded = True
             elif len(self.signals) > 1:
                 logger.warning("second signal: killing the job")
-                self._kill(attempt, term_grace=0)
-                return attempt.proc.returncode
+                self._end(attempt, term_grace=0)
+                break
+            if attempt.rc is not None and time.monotonic() - attempt.failed_at > SETTLE_S:
+                code = self._effective_code(attempt.rc, attempt, log=False)
+                if code not in (OK, PREEMPTED):
+                    logger.warning("attempt %d: a part failed (%s): ending the others", attempt.number,
+                                   CODE_NAMES.get(code, code))  # fmt: skip
+                    self._end(attempt, jobs.TERM_GRACE_S)
+                    break
             self._look_at_heartbeat(attempt)
             hang = self._hang(attempt)
             if hang:
                 logger.warning("attempt %d hangs: %s; killing it", attempt.number, hang)
-                self._kill(attempt, term_grace=TERM_GRACE_S)
+                self._end(attempt, jobs.TERM_GRACE_S)
                 return None
             time.sleep(POLL_S)
+        self._note_exits(attempt)
         self._look_at_heartbeat(attempt)  # its last steps count as progress too
-        how = f"exited with code {rc} ({CODE_NAMES.get(rc, 'not a trainer code')})" if rc >= 0 else ""
-        logger.info("attempt %d %s", attempt.number, how or f"was killed by {_sig_name(-rc)}")
-        if self._alive(attempt):
+        if any(part.alive() for part in attempt.parts):
             logger.warning("processes of attempt %d outlived it: stopping them", attempt.number)
-            self._kill(attempt, term_grace=TERM_GRACE_S)
-        return rc
+        self._end(attempt, jobs.TERM_GRACE_S)  # also learns of an agent that gave up on its processes
+        return attempt.rc or 0
+
+    def _note_exits(self, attempt: _Attempt) -> bool:
+        """Log each part that exited since the last look and keep the first non-zero code; True while
+        any part still runs."""
+        running = False
+        for i, part in enumerate(attempt.parts):
+            rc = part.poll()
+            if rc is None:
+                running = True
+            elif i not in attempt.exited:
+                attempt.exited.add(i)
+                if rc != 0 and attempt.rc is None:
+                    attempt.rc, attempt.failed_at = rc, time.monotonic()
+                how = f"exited with code {rc} ({CODE_NAMES.get(rc, 'not a trainer code')})" if rc >= 0 else ""
+                logger.info(
+                    "attempt %d%s %s",
+                    attempt.number,
+                    part.where,
+                    how or f"was killed by {jobs.sig_name(-rc)}",
+                )
+        return running
 
     def _look_at_heartbeat(self, attempt: _Attempt) -> None:
         beat = _read_beat(self.cfg.out_dir)
@@ -369,41 +416,21 @@ class Monitor:
         )
         return f"no heartbeat for {age:.1f} s (last: {last}; --{flag}={limit:g})"
 
-    def _kill(self, attempt: _Attempt, term_grace: float) -> None:
-        """SIGTERM every process of the attempt, SIGKILL what is left after ``term_grace`` s, and
-        return once none is left (_StuckProcesses after KILL_WAIT_S)."""
-        polite = [(signal.SIGTERM, term_grace)] if term_grace > 0 else []
-        for sig, wait in [*polite, (signal.SIGKILL, KILL_WAIT_S)]:
-            _signal(os.killpg, attempt.proc.pid, sig)
-            for pid in _outside_group(attempt):  # torchrun's ranks, each in a session of its own
-                _signal(os.kill, pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if not self._alive(attempt):
-                    return
-                time.sleep(0.1)
-        left = ", ".join(map(str, _outside_group(attempt))) or "none outside it"
-        raise _StuckProcesses(
-            f"processes of attempt {attempt.number} are still there {KILL_WAIT_S:g} s after SIGKILL "
-            f"(process group {attempt.proc.pid}; other pids: {left}): not starting another attempt over them"
-        )
+    def _end(self, attempt: _Attempt, term_grace: float) -> None:
+        """Kill every process of every part (all asked first, then each waited for) and return once
+        none is left; StuckProcesses, for all of them together, when some outlive SIGKILL."""
+        for part in attempt.parts:
+            part.start_kill(term_grace)
+        stuck = []
+        for part in attempt.parts:
+            try:
+                part.finish_kill(term_grace)
+            except jobs.StuckProcesses as e:
+                stuck.append(f"attempt {attempt.number}: {e}")
+        if stuck:
+            raise jobs.StuckProcesses("; ".join(stuck))
 
-    def _alive(self, attempt: _Attempt) -> bool:
-        """Any process of the attempt left. A process that has exited but was not reaped still counts
-        in its group, so reap the job (and, once it is reaped, any orphan the monitor inherited as
-        PID 1 of a container)."""
-        if attempt.proc.poll() is not None:
-            _reap_children()
-        try:
-            os.killpg(attempt.proc.pid, 0)
-            return True
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return True  # a member changed user: it exists
-        return bool(_outside_group(attempt))
-
-    def _effective_code(self, rc: int, attempt: _Attempt) -> int:
+    def _effective_code(self, rc: int, attempt: _Attempt, log: bool = True) -> int:
         """The trainer's code: its own, or under torchrun (which exits 1 for any failed rank) the one
         rank 0 recorded in exit_code.json during this attempt (its ``reason`` kept). Else a crash."""
         recorded, self.reason = _read_json(self.cfg.out_dir / EXIT_CODE), None
@@ -417,7 +444,8 @@ class Monitor:
             return rc
         if code not in DELIBERATE or when < attempt.started:
             return CRASH
-        logger.info("rank %s recorded exit code %d in %s", recorded.get("rank"), code, EXIT_CODE)
+        if log:
+            logger.info("rank %s recorded exit code %d in %s", recorded.get("rank"), code, EXIT_CODE)
         return code
 
     def _sleep(self, seconds: float) -> bool:
@@ -428,53 +456,14 @@ class Monitor:
         return not self.signals
 
 
-def _signal(send, target: int, sig: int) -> None:
-    """``send(target, sig)`` (os.killpg or os.kill); a target already gone is fine."""
-    try:
-        send(target, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _reap_children() -> None:
-    """Reap exited children without blocking (called only once the job itself is reaped, so this
-    never takes the status Popen waits for)."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass  # no child left
-
-
-def _outside_group(attempt: _Attempt) -> list[int]:
-    """Live processes of the attempt outside its process group, found by ``JOB_MARK=mark`` in
-    ``/proc/PID/environ`` (the environment a process started with, inherited through fork and exec
-    whatever its session). A zombie's reads empty; another user's cannot be read; no /proc: none."""
-    entry = f"{JOB_MARK}={attempt.mark}".encode()
-    try:
-        names = [n for n in os.listdir("/proc") if n.isdigit()]
-    except OSError:
-        return []
-    pids = []
-    for name in names:
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if entry in f.read().split(b"\0") and os.getpgid(int(name)) != attempt.proc.pid:
-                    pids.append(int(name))
-        except OSError:
-            continue  # exited meanwhile, or not ours to read
-    return pids
-
-
-def _sig_name(signum: int) -> str:
-    return signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
-
-
-def _setup_logging(log_file: Path) -> None:
-    """Every event to stderr and to the log file (appended), each line with date and time."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter("[%(asctime)s monitor %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-    logger.handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file, encoding="utf-8")]
+def _setup_logging(log_file: Path | None, who: str = "monitor") -> None:
+    """Every event to stderr and to the log file (appended; none for an agent), each line with date
+    and time."""
+    logger.handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        logger.handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    formatter = logging.Formatter(f"[%(asctime)s {who} %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
     for h in logger.handlers:
         h.setFormatter(formatter)
     logger.setLevel(logging.INFO)
@@ -483,6 +472,10 @@ def _setup_logging(log_file: Path) -> None:
 
 def main(argv: list[str]) -> int:
     """The monitor's exit status: see the table in docs/fault_tolerance.md."""
+    if argv[:1] and argv[0].startswith("--agent="):  # the remote side of --hosts (z2all/monitor_jobs.py)
+        mark, env, command = jobs.parse_agent_args(argv, PROG)
+        _setup_logging(None, f"agent {socket.gethostname()}")  # stderr: ssh carries it to the head's
+        return jobs.run_agent(command, mark, env)
     cfg = parse_args(argv)
     try:
         _setup_logging(cfg.log_file)
@@ -491,7 +484,7 @@ def main(argv: list[str]) -> int:
         return USER_ERROR
     try:
         return Monitor(cfg).run()
-    except CannotStartError as e:
+    except jobs.CannotStartError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return USER_ERROR
 

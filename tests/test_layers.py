@@ -42,7 +42,9 @@ PACKAGES = ("z2all", "parallel", "optimizer", "data_preprocess")
 ENTRY_POINTS = ("train_my_ddp.py", "monitor_process.py")
 MAX_LINES = 500
 
-BASEMENT = frozenset({"z2all", "z2all.labels", "z2all.atomic", "z2all.log"})
+# z2all.monitor_jobs: monitor_process.py's local and remote (ssh) jobs, standard library only, split out
+# of monitor_process.py, which may import only the basement.
+BASEMENT = frozenset({"z2all", "z2all.labels", "z2all.atomic", "z2all.log", "z2all.monitor_jobs"})
 CLI_ARGS = "z2all.cli_args"
 TOP_LEVEL_FACES = frozenset({"train_my_ddp", "monitor_process"})
 # Third-party libraries parallel/ and optimizer/ may import outside a try/except ImportError.

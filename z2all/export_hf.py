@@ -5,7 +5,10 @@ Writes ``config.json`` + ``model.safetensors`` (transformers Llama layout, throu
 tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, ...)
 next to them, plus a ``generation_config.json`` that stops at EOS or ``<|im_end|>``, so
 ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)`` and
-``AutoTokenizer.from_pretrained(HF_DIR)`` both load it.
+``AutoTokenizer.from_pretrained(HF_DIR)`` both load it. The copied tokenizer files are brought up to
+today's (:func:`z2all.tokenizer.upgrade_config_files`): a tokenizer trained before the chat template
+marked assistant turns with ``{% generation %}`` is exported with the marked one (same text), so TRL's
+``SFTTrainer(assistant_only_loss=True)`` accepts the export. See ``docs/export.md``.
 
 Where it writes (:func:`check_save_dir`, before anything is loaded): never into a z2all run folder
 or below one (an export there would overwrite the run's ``config.json`` and make ``--resume``
@@ -30,12 +33,11 @@ import torch
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from z2all.log import setup_logging
-from z2all.tokenizer import Z2allTokenizer
+from z2all.tokenizer import upgrade_config_files
 from z2all.training.checkpoint_format import MANIFEST, list_checkpoints
 from z2all.training.model_loading import (
-    find_tokenizer_dir,
     is_hf_model_folder,
-    load_model_from_dir,
+    load_run,
     run_model_tool,
 )
 
@@ -163,13 +165,7 @@ def export_hf(
         raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")
     check_save_dir(save_dir, out_dir, overwrite)
     target = Path(save_dir).resolve()  # a symlinked --save_dir: replace the folder it names
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(out_dir)
-    if tok_dir is None:
-        raise FileNotFoundError(
-            f"{out_dir}: no tokenizer: its config.json has no tokenizer_dir; pass --tokenizer_dir"
-        )
-    tok = Z2allTokenizer.from_pretrained(tok_dir)
-    model, _ = load_model_from_dir(out_dir)
+    model, _, tok = load_run(out_dir, tokenizer_dir)
     # The special ids transformers reads from config.json are the tokenizer's, whatever the run set.
     model.config.bos_token_id, model.config.eos_token_id = tok.bos_id, tok.eos_id
     model.config.pad_token_id = tok.pad_id
@@ -177,7 +173,8 @@ def export_hf(
     built = _new_temp_dir_beside(target, "tmp")
     try:
         model.to(_DTYPES[dtype]).save_pretrained(built)
-        names = copy_tokenizer_files(tok_dir, built)
+        names = copy_tokenizer_files(tok.tok_dir, built)
+        upgrade_config_files(built)  # the run's own tokenizer folder keeps its files unchanged
         # transformers' generate() stops at any of these: EOS for plain text, <|im_end|> for chat turns.
         generation = {
             "bos_token_id": tok.bos_id,

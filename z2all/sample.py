@@ -20,24 +20,14 @@ import torch
 from z2all.cli_args import parse_bool
 from z2all.data.chat import render_chat
 from z2all.log import setup_logging
-from z2all.tokenizer import Z2allTokenizer
-from z2all.training.model_loading import find_tokenizer_dir, load_model_from_dir, run_model_tool
+from z2all.training.model_loading import load_run, run_model_tool
 
 logger = logging.getLogger(__name__)
 
 
 def load_for_sampling(out_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu"):
     """``(model, tokenizer)``: the model of ``out_dir`` in eval mode on ``device`` and its tokenizer."""
-    if not Path(out_dir).is_dir():
-        raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(out_dir)
-    if tok_dir is None:
-        raise FileNotFoundError(
-            f"{out_dir}: no tokenizer: its config.json has no tokenizer_dir and it holds no "
-            "tokenizer.json; pass --tokenizer_dir"
-        )
-    tok = Z2allTokenizer.from_pretrained(tok_dir)
-    model, _ = load_model_from_dir(out_dir)
+    model, _, tok = load_run(out_dir, tokenizer_dir)
     return model.to(device).eval(), tok
 
 

@@ -1,5 +1,6 @@
 """ChatML rendering: ids against transformers' chat template, the trainable mask against transformers'
-``{% generation %}`` assistant mask, special-token injection, validation errors."""
+assistant mask from the shipped template's ``{% generation %}`` markers, special-token injection,
+validation errors."""
 
 from __future__ import annotations
 
@@ -12,18 +13,6 @@ from z2all.data.chat import ChatFormatError, render_chat, render_chats
 from z2all.tokenizer import Z2allTokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-# The shipped ChatML template with {% generation %} around what must be learned: transformers turns it
-# into an assistant mask on its own (via character offsets), an independent reference for ours.
-GENERATION_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\\n' }}"
-    "{% endfor %}"
-)
 
 MULTI_TURN = [
     {"role": "system", "content": "You are terse."},
@@ -103,19 +92,24 @@ def test_matches_transformers_chat_template_on_real_dialogues(tok, hf_tok, share
         assert render_chat(tok, conv[:-1], add_generation_prompt=True)[0] == list(gen["input_ids"])
 
 
-def test_trainable_mask_matches_transformers_assistant_mask(tok, hf_tok, shared_data):
-    convs = real_dialogues(shared_data) + [MULTI_TURN]
+def assert_mask_matches_transformers(tok, hf_tok, convs):
+    """The shipped template's {% generation %} markers: transformers turns them into an assistant mask on
+    its own (via character offsets), an independent reference for ours."""
     ours = render_chats(tok, convs)
     for conv, (ids, trainable) in zip(convs, ours):
         ref = hf_tok.apply_chat_template(
-            conv,
-            chat_template=GENERATION_TEMPLATE,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
+            conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         assert ids == list(ref["input_ids"]), conv
         assert trainable == [bool(m) for m in ref["assistant_masks"]], conv
+
+
+def test_trainable_mask_matches_transformers_assistant_mask(tok, hf_tok):
+    assert_mask_matches_transformers(tok, hf_tok, [MULTI_TURN, MULTI_TURN[:3]])
+
+
+def test_trainable_mask_matches_transformers_assistant_mask_on_real_dialogues(tok, hf_tok, shared_data):
+    assert_mask_matches_transformers(tok, hf_tok, real_dialogues(shared_data))
 
 
 def test_special_strings_in_content_stay_plain_text(tok):

@@ -5,6 +5,9 @@ and its metrics.jsonl losses equal an uninterrupted run's, bit for bit.
   newest checkpoint; the steps after it are redone (and their lines replaced), identically.
 - SIGSTOP of a rank: no process dies and no collective fails; the heartbeat goes stale, the monitor
   kills every process of the attempt within --heartbeat_timeout and restarts.
+- SIGTERM to a rank, and to the torchrun agent (which passes it on to every rank): a checkpoint at the
+  step reached, exit code 4, resumed by the monitor without counting a crash and without computing
+  any step twice.
 Bounded in time (every wait has a deadline) and cleaned up (the monitor kills its job on failure).
 """
 
@@ -50,15 +53,21 @@ def _beat(out_dir: Path) -> dict | None:
         return None
 
 
-def _saboteur(out_dir: Path, plan: list[tuple[int, int]], log: list, stop: threading.Event) -> None:
-    """For each (step, signal): once a heartbeat shows that step done, send the signal to the rank that
-    wrote it (rank 0). Each time the signal goes to a new attempt's process."""
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _saboteur(out_dir: Path, plan: list[tuple], log: list, stop: threading.Event) -> None:
+    """For each (step, signal[, "agent"]): once a heartbeat shows that step done, send the signal to
+    the rank that wrote it (rank 0), or to its parent, the torchrun agent. Each time the signal goes to
+    a new attempt's process."""
     seen_pids = set()
-    for step, sig in plan:
+    for step, sig, *to in plan:
         while not stop.is_set():
             beat = _beat(out_dir)
             if beat and beat["phase"] == "step" and beat["step"] >= step and beat["pid"] not in seen_pids:
-                os.kill(beat["pid"], sig)
+                os.kill(_parent(beat["pid"]) if to == ["agent"] else beat["pid"], sig)
                 seen_pids.add(beat["pid"])
                 log.append((beat["step"], sig, time.time()))
                 break
@@ -115,3 +124,29 @@ def test_a_stopped_rank_is_detected_as_a_hang_and_the_run_recovers(reference):
     waited = float(hang[0].split("no heartbeat for ")[1].split(" s")[0])
     assert 10 <= waited <= 14, hang  # detected within --heartbeat_timeout (+ the monitor's poll)
     assert [x["loss"] for x in read_metrics(out)] == losses
+
+
+def _preempted_then_resumed(reference, name, plan):
+    root, losses = reference
+    r, out, log = _monitored(root, name, plan)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(log) == 1, log
+    assert r.stderr.count("saved and stopped: resuming it, not counted as a crash") == 1, r.stderr[-4000:]
+    assert "restart " not in r.stderr, r.stderr[-4000:]
+    # no step computed twice: the first attempt stopped right after its checkpoint, so the resumed one
+    # found no metrics.jsonl line after it to drop
+    assert "dropped" not in r.stderr, r.stderr[-4000:]
+    recs = read_metrics(out)
+    assert [x["step"] for x in recs] == list(range(1, STEPS + 1))
+    assert [x["loss"] for x in recs] == losses  # bit for bit
+    return r
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_rank_saves_where_it_was_and_resumes_exactly(reference):
+    _preempted_then_resumed(reference, "term_rank", [(5, signal.SIGTERM)])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_saves_where_it_was_and_resumes_exactly(reference):
+    _preempted_then_resumed(reference, "term_agent", [(5, signal.SIGTERM, "agent")])

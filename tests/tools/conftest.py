@@ -2,7 +2,8 @@
 
 ``tiny_run`` is built once per session: ``config.json`` (with ``tokenizer_dir``), a checkpoint of a
 ``z2all.model`` tiny-preset model (tied embeddings, vocab padded to 64) after two AdamW steps, and
-a ``metrics.jsonl``. Tests must not modify it (copy it first).
+a ``metrics.jsonl``. ``tiny_sp_run`` is the same with the sp_bbpe tokenizer, an untied LM head and
+linear RoPE scaling (``build_tiny_run`` makes either). Tests must not modify them (copy them first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.conftest import tiny_tokenizer_dir  # noqa: F401  (session fixture reused here)
+from tests.data.conftest import tiny_sp_tokenizer_dir, tiny_tokenizer_dir  # noqa: F401  (session fixtures)
 from z2all.model import Z2allForCausalLM, get_preset
 from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint import CheckpointManager
@@ -37,13 +38,13 @@ class TinyRun:
     model: Z2allForCausalLM  # the weights saved in the newest checkpoint, eval mode
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_tokenizer_dir) -> TinyRun:  # noqa: F811
-    run_dir = tmp_path_factory.mktemp("tiny_run")
-    tok = Z2allTokenizer.from_pretrained(tiny_tokenizer_dir)
+def build_tiny_run(run_dir: Path, tokenizer_dir: Path, **model_overrides) -> TinyRun:
+    """A run folder in ``run_dir`` (see the module docstring) of a tiny-preset model for the tokenizer
+    of ``tokenizer_dir``; ``model_overrides`` replace preset fields."""
+    tok = Z2allTokenizer.from_pretrained(tokenizer_dir)
     vocab = (tok.vocab_size + 63) // 64 * 64
     torch.manual_seed(0)
-    model = Z2allForCausalLM(get_preset("tiny", vocab_size=vocab, tie_word_embeddings=True))
+    model = Z2allForCausalLM(get_preset("tiny", vocab_size=vocab, **model_overrides))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randint(0, tok.vocab_size, (2, 16))
     for _ in range(2):  # move the weights away from their init so a wrong load shows
@@ -51,9 +52,7 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_dir) -> TinyRun:  # noqa: F811
         opt.step()
         opt.zero_grad()
     (run_dir / "config.json").write_text(
-        json.dumps(
-            {"task_type": "pretrain", "tokenizer_dir": str(tiny_tokenizer_dir), "model_config": "tiny"}
-        )
+        json.dumps({"task_type": "pretrain", "tokenizer_dir": str(tokenizer_dir), "model_config": "tiny"})
     )
     CheckpointManager(run_dir).save(2, TrainState.of(model, opt, progress=TrainProgress(step=2, tokens=64)))
     with open(run_dir / "metrics.jsonl", "w") as f:
@@ -71,4 +70,19 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_dir) -> TinyRun:  # noqa: F811
                 )
                 + "\n"
             )
-    return TinyRun(run_dir, Path(tiny_tokenizer_dir), model.eval())
+    return TinyRun(run_dir, Path(tokenizer_dir), model.eval())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_tokenizer_dir) -> TinyRun:  # noqa: F811
+    return build_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_tokenizer_dir, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_run(tmp_path_factory, tiny_sp_tokenizer_dir) -> TinyRun:  # noqa: F811
+    return build_tiny_run(
+        tmp_path_factory.mktemp("tiny_sp_run"),
+        tiny_sp_tokenizer_dir,
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )

@@ -28,8 +28,8 @@ SCRIPT = str(REPO_ROOT / "train_my_ddp.py")
 
 # Renaming or removing a flag breaks users' scripts and configs: change this list consciously.
 FLAG_SNAPSHOT = [
-    "adam_eps", "backend", "beta1", "beta2", "bucket_size", "check_for_nan_in_grad", "comm_hook",
-    "compile", "data_dir", "ddp_impl", "debug", "device", "dist_init_timeout", "dist_timeout",
+    "adam_eps", "async_save", "backend", "beta1", "beta2", "bucket_size", "check_for_nan_in_grad",
+    "comm_hook", "compile", "data_dir", "ddp_impl", "debug", "device", "dist_init_timeout", "dist_timeout",
     "dpo_beta", "dtype", "eval_interval", "eval_iters", "exit_after_minutes", "grad_clip",
     "grad_reduce_in_fp32", "gradient_accumulation_steps", "hysteresis", "init_from",
     "initial_loss_scale", "keep_checkpoints", "learning_rate", "log_interval", "loss_scale_window",

@@ -7,15 +7,22 @@ never imported by this package. See ``docs/data.md``.
 
 from z2all.tokenizer.special_tokens import (
     CHAT_TEMPLATE,
+    INFERENCE_CHAT_TEMPLATE,
     NUM_SPECIAL_TOKENS,
     SPECIAL_IDS,
     SPECIAL_TOKENS,
 )
 from z2all.tokenizer.tokenizer import TokenizerFileError, Z2allTokenizer
-from z2all.tokenizer.trainer import TOKENIZER_TYPES, TokenizerTrainConfig, train_tokenizer
+from z2all.tokenizer.trainer import (
+    TOKENIZER_TYPES,
+    TokenizerTrainConfig,
+    train_tokenizer,
+    upgrade_config_files,
+)
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "INFERENCE_CHAT_TEMPLATE",
     "NUM_SPECIAL_TOKENS",
     "SPECIAL_IDS",
     "SPECIAL_TOKENS",
@@ -24,4 +31,5 @@ __all__ = [
     "TokenizerTrainConfig",
     "Z2allTokenizer",
     "train_tokenizer",
+    "upgrade_config_files",
 ]

@@ -13,7 +13,8 @@ Files in the saved folder::
 
     tokenizer.json            HF tokenizers pipeline (both kinds)
     tokenizer.model           sentencepiece model (sp_bbpe only; z2all's loader uses it)
-    tokenizer_config.json     transformers: class, special tokens, ChatML chat_template
+    tokenizer_config.json     transformers: class, special tokens, ChatML chat_template (assistant
+                              turns in {% generation %}), sp_bbpe: "add_prefix_space": false
     special_tokens_map.json   transformers: bos/eos/unk/pad + additional special tokens
     chat_template.jinja       the same ChatML template, for transformers >= 4.43 style loading
     z2all_tokenizer.json      z2all: tokenizer_type, vocab_size, special token ids
@@ -40,6 +41,7 @@ from z2all.tokenizer.special_tokens import (
     EOS,
     IM_END,
     IM_START,
+    INFERENCE_CHAT_TEMPLATE,
     NUM_SPECIAL_TOKENS,
     PAD,
     SPECIAL_TOKENS,
@@ -182,6 +184,10 @@ def write_config_files(save_dir: Path, tokenizer_type: str, vocab_size: int) -> 
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
     }
+    if tokenizer_type == "sp_bbpe":
+        # sentencepiece's "dummy prefix" is off (``add_dummy_prefix=False`` below): converters that read
+        # this key (llama.cpp's) would otherwise prepend "▁" to every text.
+        tok_config["add_prefix_space"] = False
     atomic_write_json(save_dir / "special_tokens_map.json", special_map)
     atomic_write_json(save_dir / "tokenizer_config.json", tok_config)
     atomic_write_text(save_dir / "chat_template.jinja", CHAT_TEMPLATE)
@@ -196,6 +202,38 @@ def write_config_files(save_dir: Path, tokenizer_type: str, vocab_size: int) -> 
             "im_end": IM_END,
         },
     )
+
+
+def upgrade_config_files(folder: Path) -> list[str]:
+    """Bring the transformers files of a copy of a z2all tokenizer folder (an export) up to what
+    :func:`write_config_files` writes today; returns the names of the files it rewrote.
+
+    Folders trained before the ``{% generation %}`` markers keep their template (a run's tokenizer
+    folder is never changed); their exports get the marked :data:`CHAT_TEMPLATE`, which renders the same
+    text, and sp_bbpe's ``"add_prefix_space": false``. Only z2all's own older template is replaced: a
+    template edited by hand, or the folder of a foreign tokenizer (no ``z2all_tokenizer.json``), is kept.
+    """
+    meta_file = folder / "z2all_tokenizer.json"
+    if not meta_file.is_file():
+        return []
+    tokenizer_type = json.loads(meta_file.read_text(encoding="utf-8")).get("tokenizer_type")
+    rewritten = []
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        changed = dict(config)
+        if config.get("chat_template") == INFERENCE_CHAT_TEMPLATE:
+            changed["chat_template"] = CHAT_TEMPLATE
+        if tokenizer_type == "sp_bbpe":
+            changed.setdefault("add_prefix_space", False)
+        if changed != config:
+            atomic_write_json(config_file, changed)
+            rewritten.append(config_file.name)
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file() and template_file.read_text(encoding="utf-8") == INFERENCE_CHAT_TEMPLATE:
+        atomic_write_text(template_file, CHAT_TEMPLATE)
+        rewritten.append(template_file.name)
+    return rewritten
 
 
 # ---------------------------------------------------------------------------------------------- hf_bbpe

@@ -26,6 +26,12 @@ Invariants:
 - Shared state is saved through DCP under the model's own parameter names, replicated entries
   deduplicated across ranks, so any world size can load it, and a ZeRO-1 optimizer saves its shards
   into the same ``state/``.
+- An asynchronous save (``blocking=False``, the trainer's ``--async_save``) keeps every invariant
+  above: the checks and a host snapshot happen while the loop waits, the same write then runs in
+  one background thread (:mod:`z2all.training.checkpoint_async`), and only a complete checkpoint is
+  ever renamed to ``step_*``. A save is split in :meth:`CheckpointManager.begin_save` (what the loop
+  waits for) and :meth:`CheckpointManager.commit_save` (publication), so the loop records the step
+  in metrics.jsonl before any checkpoint of it can exist.
 """
 
 from __future__ import annotations
@@ -34,15 +40,16 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from z2all.training.checkpoint_async import AsyncWriter, SaveJob
 from z2all.training.checkpoint_folders import publish, rotate, set_aside
 from z2all.training.checkpoint_format import (
     DCP_DIR,
@@ -56,12 +63,15 @@ from z2all.training.checkpoint_format import (
     describe_files,
     files_under,
     list_checkpoints,
+    rank_file,
+    writer_of,
 )
 from z2all.training.checkpoint_guard import (
     NO_SPACE,
     CheckpointWriteError,
     NonFiniteStateError,
     error_code,
+    float_tensors,
     is_no_space,
     nonfinite_names,
 )
@@ -93,20 +103,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
-
-
-_WRITTEN_BY = re.compile(rf"^(?:rank_(\d+)\.pt|{DCP_DIR}/__(\d+)_\d+\.distcp)$")
-
-
-def _writer_of(name: str, world: int) -> int:
-    """The rank that wrote checkpoint file ``name`` (its hasher); 0 for any file no rank's name fits."""
-    m = _WRITTEN_BY.match(name)
-    rank = int(m.group(1) or m.group(2)) if m else 0
-    return rank if rank < world else 0
-
-
 class CheckpointManager:
     """Save / resume a :class:`TrainState` under ``out_dir``.
 
@@ -135,6 +131,7 @@ class CheckpointManager:
         # Steps of this run's lineage, oldest first: the one load_latest resumed from, then every
         # step this manager saved (a re-saved step moves to the end). Rank 0 rotates by it.
         self._lineage: list[int] = []
+        self._writer: AsyncWriter | None = None  # asynchronous saves: created by the first one
 
     def _seed(self) -> int | None:
         """The run's base seed: the constructor's, else the run config's (``out_dir/config.json``)."""
@@ -148,8 +145,9 @@ class CheckpointManager:
 
     # -- save ----------------------------------------------------------------------------------
 
-    def save(self, step: int, state: TrainState, run: dict | None = None) -> Path:
-        """Write checkpoint ``step`` (all ranks call); returns its final folder.
+    def save(self, step: int, state: TrainState, run: dict | None = None, blocking: bool = True) -> Path:
+        """Write checkpoint ``step`` (all ranks call); returns its final folder: :meth:`begin_save`
+        then :meth:`commit_save`.
 
         ``run``: JSON facts about the run that the resume rules compare (z2all.training.resume),
         recorded in the manifest. Every failure is agreed on by all ranks before anyone raises (no
@@ -158,11 +156,91 @@ class CheckpointManager:
         a byte is written; no space left on device (:class:`CheckpointWriteError`) or any other
         error while writing, after which rank 0 removes the partial ``ckpt_tmp-*`` folder. The
         checkpoints already on disk are never touched by a save that fails.
+
+        ``blocking=False`` (asynchronous save): the checks above and a snapshot of the state in host
+        memory happen now; the write, the manifest and the rename happen in a background thread
+        (z2all.training.checkpoint_async), and the folder gets its final name only when complete.
+        The next save and :meth:`wait` wait for it; a write error is raised by :meth:`wait` (and by
+        the next save).
         """
+        job = self.begin_save(step, state, run, blocking)
+        self.commit_save(job)
+        return job.final
+
+    def begin_save(
+        self, step: int, state: TrainState, run: dict | None = None, blocking: bool = True
+    ) -> SaveJob:
+        """The part of a save the training loop waits for (all ranks call): the checks, then the whole
+        write into ``ckpt_tmp-<step>`` (``blocking``) or the host snapshot (asynchronous). Nothing is
+        published yet: :meth:`commit_save` does that, so a loop can record the save in its metrics
+        first (a checkpoint never holds a step metrics.jsonl does not have)."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
-        rank, world = rank_world()
+        self.wait()  # one write in flight at most, published in step order; its error surfaces here
+        job = self._check(step, state)
+        job.run, job.blocking = run or {}, blocking
+        if blocking:
+            self._write_files(job, group=None)
+        else:
+            writer = self._async_writer(state)
+            job.shared = writer.snapshot(job.shared)  # the loop may change the live state from here on
+            writer.group()  # created now, by every rank's loop thread (a collective)
+        return job
+
+    def commit_save(self, job: SaveJob) -> None:
+        """Publish a begun save (all ranks call): the manifest, the rename to ``step_<N>``, rotation;
+        for an asynchronous save, the write too, all in the writer thread."""
+        if job.blocking:
+            self._publish(job, group=None)
+            return
+        writer = self._writer
+        group = writer.group()
+
+        def write_and_publish() -> Path:  # in the writer thread
+            self._write_files(job, group)
+            return self._publish(job, group)
+
+        writer.submit(write_and_publish)
+
+    def warm_up_async(self, state: TrainState) -> None:
+        """Allocate the host buffers asynchronous saves snapshot into, now (at start-up), so the first
+        save does not pay for the allocation. All ranks call."""
+        dcp_state = {name: sd for name, comp in state.shared.items() if (sd := comp.state_dict())}
+        self._async_writer(state).warm_up(dcp_state)
+        self._writer.group()
+
+    def _async_writer(self, state: TrainState) -> AsyncWriter:
+        if self._writer is None:
+            shared = {name: comp.state_dict() for name, comp in state.shared.items()}
+            device = next((t.device for _, t in float_tensors(shared)), None)
+            self._writer = AsyncWriter(device)
+        return self._writer
+
+    def saving(self) -> bool:
+        """Whether an asynchronous save is still being written by this rank."""
+        return self._writer is not None and self._writer.in_flight()
+
+    def save_failed(self) -> bool:
+        """Whether this rank's asynchronous save has failed (raised by the next :meth:`wait`)."""
+        return self._writer is not None and self._writer.failed()
+
+    def wait(self) -> None:
+        """Block until this rank's asynchronous save (if any) is complete; raise its error. Every rank
+        calls it at the same point (the write's collectives finish only when all ranks' do)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """:meth:`wait`, then release the writer thread and its host buffers."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    def _check(self, step: int, state: TrainState) -> SaveJob:
+        """The save's blocking checks, agreed by every rank before a byte is written; returns what
+        is to be written."""
         t0 = time.perf_counter()
+        rank, world = rank_world()
         # This rank's own file is serialized first and proven to load with weights_only, so an
         # un-loadable component fails on every rank before any file is touched.
         own = {name: comp.state_dict() for name, comp in state.per_rank.items()}
@@ -196,10 +274,26 @@ class CheckpointManager:
                 f"{who(rank, world)}refusing to save checkpoint step {step}: NaN/Inf in {where}; the "
                 f"checkpoints in {self.out_dir} are kept as they are"
             )
+        return SaveJob(
+            step=step,
+            own=buf.getvalue(),
+            per_rank=sorted(own),
+            shared=dcp_state,
+            empty=empty,
+            need=need,
+            model_config=state.model.config_dict() if state.model is not None else None,
+            t0=t0,
+            final=self.out_dir / f"step_{step:06d}",
+            tmp=self.out_dir / f"{TMP_PREFIX}{step:06d}",
+        )
 
-        final = self.out_dir / f"step_{step:06d}"
-        tmp = self.out_dir / f"{TMP_PREFIX}{step:06d}"
-        # Four phases, each closed by an all-reduce of the worst error code instead of a barrier.
+    def _write_files(self, job: SaveJob, group: Any) -> None:
+        """Write and hash ``job`` into ``ckpt_tmp-<step>`` (every collective on ``group``, None: the
+        default one); ``job.files`` is then every file's size and sha256."""
+        rank, world = rank_world()
+        step, need, tmp = job.step, job.need, job.tmp
+        # Four phases (the last in _publish), each closed by an all-reduce of the worst error code
+        # instead of a barrier.
         failure: BaseException | None = None
         if rank == 0:
             try:
@@ -208,14 +302,14 @@ class CheckpointManager:
                 (tmp / DCP_DIR).mkdir(parents=True)
             except OSError as e:
                 failure = e
-        self._agree(failure, step, tmp, need)
+        self._agree(failure, step, tmp, need, group)
 
         try:
-            save_dcp(dcp_state, tmp / DCP_DIR, no_dist=not dist_on())
-            atomic_write_bytes(tmp / _rank_file(rank), buf.getvalue())
+            save_dcp(job.shared, tmp / DCP_DIR, no_dist=not dist_on(), group=group)
+            atomic_write_bytes(tmp / rank_file(rank), job.own)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, then re-raised
             failure = e
-        self._agree(failure, step, tmp, need)  # every rank's files are on disk and fsynced
+        self._agree(failure, step, tmp, need, group)  # every rank's files are on disk and fsynced
 
         # Each rank hashes what it wrote, all ranks at once: its rank file and the DCP data files DCP
         # named for it (``__<rank>_<i>.distcp``); rank 0 also everything else (DCP's ``.metadata``).
@@ -228,15 +322,20 @@ class CheckpointManager:
                 listing = [str(p.relative_to(tmp)) for p in files_under(tmp)]
             except OSError as e:
                 failure, listing = e, []
-        names = broadcast_object(listing)
+        names = broadcast_object(listing, group)
         files: dict[str, dict] = {}
         try:
-            files = describe_files(tmp, [n for n in names if _writer_of(n, world) == rank])
+            files = describe_files(tmp, [n for n in names if writer_of(n, world) == rank])
         except OSError as e:
             failure = e
-        self._agree(failure, step, tmp, need)
-        parts = all_gather_objects(files)
+        self._agree(failure, step, tmp, need, group)
+        job.files = {k: v for part in all_gather_objects(files, group) for k, v in sorted(part.items())}
 
+    def _publish(self, job: SaveJob, group: Any) -> Path:
+        """Rank 0 writes the manifest and renames ``ckpt_tmp-<step>`` to ``step_<N>``; agreed by all."""
+        rank, world = rank_world()
+        step, tmp, final = job.step, job.tmp, job.final
+        failure: BaseException | None = None
         size = 0
         if rank == 0:
             try:
@@ -246,20 +345,25 @@ class CheckpointManager:
                     "step": step,
                     "world_size": world,
                     "seed": self._seed(),
-                    "components": {"shared": sorted(dcp_state), "empty": empty, "per_rank": sorted(own)},
-                    "model_config": state.model.config_dict() if state.model is not None else None,
-                    "run": run or {},
+                    "components": {
+                        "shared": sorted(job.shared),
+                        "empty": job.empty,
+                        "per_rank": job.per_rank,
+                    },
+                    "model_config": job.model_config,
+                    "run": job.run,
                     "torch_version": torch.__version__,
                     "created_unix": time.time(),
-                    "files": {k: v for part in parts for k, v in sorted(part.items())},
+                    "files": job.files,
                 }
                 size = self._finish(tmp, final, step, manifest)
             except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
                 failure = e
         # nobody returns (and maybe crashes) before the checkpoint has its final name
-        self._agree(failure, step, tmp, need)
+        self._agree(failure, step, tmp, job.need, group)
         if rank == 0:
-            logger.info("saved checkpoint %s (%.1f MB, %.2fs)", final, size / 1e6, time.perf_counter() - t0)
+            took = time.perf_counter() - job.t0
+            logger.info("saved checkpoint %s (%.1f MB, %.2fs)", final, size / 1e6, took)
         return final
 
     def _finish(self, tmp: Path, final: Path, step: int, manifest: dict) -> int:
@@ -272,18 +376,20 @@ class CheckpointManager:
         self._lineage = rotate(self.out_dir, self._lineage, step, self.keep)
         return sum(f["bytes"] for f in manifest["files"].values())
 
-    def _agree(self, failure: BaseException | None, step: int, tmp: Path, need: int) -> None:
+    def _agree(
+        self, failure: BaseException | None, step: int, tmp: Path, need: int, group: Any = None
+    ) -> None:
         """Collective: return if no rank failed; else rank 0 removes ``tmp`` and every rank raises.
 
         The rank that failed re-raises its own error, turned into :class:`CheckpointWriteError` when it
         is "no space left on device"; the others raise one that points at it."""
-        code = all_reduce_max(error_code(failure))
+        code = all_reduce_max(error_code(failure), group)
         if code == 0:
             return
         rank, world = rank_world()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        barrier()  # the partial folder is gone before any rank reports
+        barrier(group)  # the partial folder is gone before any rank reports
         if failure is not None and not is_no_space(failure):
             raise failure
         if code == NO_SPACE:

@@ -31,6 +31,20 @@ CORRUPT_PREFIX = "ckpt_corrupt-"
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 
 
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+WRITTEN_BY = re.compile(rf"^(?:rank_(\d+)\.pt|{DCP_DIR}/__(\d+)_\d+\.distcp)$")
+
+
+def writer_of(name: str, world: int) -> int:
+    """The rank that wrote checkpoint file ``name`` (its hasher); 0 for any file no rank's name fits."""
+    m = WRITTEN_BY.match(name)
+    rank = int(m.group(1) or m.group(2)) if m else 0
+    return rank if rank < world else 0
+
+
 class CorruptCheckpointError(RuntimeError):
     """Checkpoints exist but none of them is complete and readable."""
 

@@ -33,7 +33,7 @@ _SHORT_WRITE_TEXTS = ("unexpected pos", "failed writing file")
 RESUME_MAY_CHANGE = ("kernels", "initializer_range", "scale_output_init")
 
 
-def _float_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+def float_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     """``(dotted name, tensor)`` of every floating-point tensor in a nested state dict (of a sharded
     tensor, ZeRO-1's: the chunks this rank holds)."""
     if hasattr(tree, "local_shards"):
@@ -48,7 +48,7 @@ def _float_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]
         return []
     out = []
     for k, v in items:
-        out += _float_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+        out += float_tensors(v, f"{prefix}.{k}" if prefix else str(k))
     return out
 
 
@@ -58,7 +58,7 @@ def nonfinite_names(tree: Any) -> tuple[list[str], int]:
     One host read per device. A tensor is finite iff its min and max are (both propagate NaN): one
     read of the tensor and no temporary of its size, far cheaper than ``isfinite(t).all()``, so a
     save barely notices it."""
-    tensors = _float_tensors(tree)
+    tensors = float_tensors(tree)
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, t in tensors:
         if t.numel():

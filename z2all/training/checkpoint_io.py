@@ -104,13 +104,13 @@ def load_dcp(ckpt_dir: Path, template: dict[str, Any], no_dist: bool) -> None:
         dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(str(ckpt_dir)), no_dist=no_dist)
 
 
-def save_dcp(state: dict[str, Any], dcp_dir: Path, no_dist: bool) -> None:
-    """Write ``state`` into ``dcp_dir`` (fsynced). Collective when ``no_dist`` is False: replicated
-    entries are written by one rank only, and a write error on any rank reaches every rank as DCP's
-    ``CheckpointException``."""
+def save_dcp(state: dict[str, Any], dcp_dir: Path, no_dist: bool, group: Any = None) -> None:
+    """Write ``state`` into ``dcp_dir`` (fsynced). Collective over ``group`` (None: the default one)
+    when ``no_dist`` is False: replicated entries are written by one rank only, and a write error on
+    any rank reaches every rank as DCP's ``CheckpointException``."""
     writer = FileSystemWriter(dcp_dir, sync_files=True)
     with _single_process_ok(no_dist), _no_sharded_tensor_notice():
-        dcp.save(state, storage_writer=writer, no_dist=no_dist)
+        dcp.save(state, storage_writer=writer, no_dist=no_dist, process_group=group)
 
 
 def load_model_weights(ckpt_dir: Path, model: nn.Module) -> None:

@@ -135,6 +135,10 @@ class TrainConfig:
     """Checkpoint every this many steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (at least 2 so a crash mid-save never loses both)."""
+    async_save: bool = True
+    """Checkpoint asynchronously: the loop waits only for the checks and a snapshot of the state in
+    host memory (one more copy of it, allocated at start-up); a background thread writes and publishes
+    it (docs/checkpoint.md). False: the loop waits for the whole write."""
     resume: bool = False
     """Continue from the newest complete checkpoint in out_dir (flags given now override the saved config)."""
     tracker: Literal["none", "tensorboard", "swanlab", "wandb"] = "none"

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import platform
 import resource
 import sys
 import time
@@ -46,11 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import z2all
 from optimizer import LossScaleUnderflowError, MainParams, MixedPrecisionOptimizer
 from parallel import NonFiniteGradError
 from z2all.data.sampler import GlobalBatchSampler
-from z2all.model import estimate_mfu, kernels, peak_flops_for
+from z2all.model import estimate_mfu, peak_flops_for
 from z2all.training.checkpoint import CheckpointManager
 from z2all.training.checkpoint_format import list_checkpoints
 from z2all.training.collectives import all_reduce_sum_
@@ -59,6 +57,7 @@ from z2all.training.heartbeat import Heartbeat
 from z2all.training.lr_schedule import CosineSchedule, set_lr
 from z2all.training.metrics import MetricsWriter, console_line, write_run_info
 from z2all.training.parallelize import DataParallelModel
+from z2all.training.run_info import held_bytes, run_info
 from z2all.training.runtime import Runtime, set_collective_timeout
 from z2all.training.state import TrainProgress, TrainState
 from z2all.training.stop_signal import PreemptedStop, StopSignal
@@ -202,9 +201,14 @@ class Trainer:
         # non-finite loss is then known on every rank alike, and the step is not taken.
         keys = sorted(stat_sums)
         stop = float(self.stop is not None and self.stop.requested())  # a stop request on any rank
-        counts = [torch.tensor(v, dtype=torch.float64, device=self.device) for v in (float(n_tokens), stop)]
+        # an asynchronous save that failed on any rank: every rank raises its error at this step
+        save_failed = float(p.checkpoints.save_failed())
+        flags = (float(n_tokens), stop, save_failed)
+        counts = [torch.tensor(v, dtype=torch.float64, device=self.device) for v in flags]
         packed = torch.stack([loss_sum, *counts] + [stat_sums[k] for k in keys])
         sums = all_reduce_sum_(packed).tolist()
+        if sums[3] > 0:
+            self._save_failed(step)
         loss_bad = not math.isfinite(sums[0])
         overflow = False
         if dp.steps_optimizer:
@@ -227,7 +231,7 @@ class Trainer:
         grad_bad = not math.isfinite(grad_norm) and not overflow
         if self._measure_memory and (dp.steps_optimizer or not (overflow or loss_bad or grad_bad)):
             # the first step actually applied: its state is all alive here (run_info.json)
-            self.held_bytes = self._held_bytes()
+            self.held_bytes = held_bytes(self.p)
             self._measure_memory = False
         if opt is not None:
             opt.zero_grad()
@@ -244,41 +248,13 @@ class Trainer:
         rec["_nonfinite"] = loss_bad or grad_bad
         rec["_overflow"] = overflow
         for i, k in enumerate(keys):
-            rec[k] = sums[3 + i] / g
+            rec[k] = sums[4 + i] / g
         return rec
 
     def _grad_norm(self) -> float:
         """Global L2 norm of the averaged gradients (equal on every rank after the sync)."""
         grads = [g for g in map(self.p.dp.grad_of, self.params) if g is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-    def _held_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds for the weights, gradients, fp32 main copies and optimizer state,
-        measured from the tensors (distinct storages; DDP buffers with their padding)."""
-        p = self.p
-
-        def storage_bytes(tensors) -> int:
-            seen = {}
-            for t in tensors:
-                if t is not None:
-                    st = t.untyped_storage()
-                    seen[(st.data_ptr(), t.device)] = st.nbytes()
-            return sum(seen.values())
-
-        params = list(p.model.parameters())
-        # what the optimizer reads: z2all DDP's grad buffers, else each .grad (torch DDP's own bucket
-        # copies are internal to it and not counted; neither are the step's transient fp32 copies)
-        grads = [p.dp.grad_of(w) for w in params] + [w.grad for w in params]  # .grad: copies, if any
-        optimizers = [p.optimizer] if p.optimizer is not None else list(p.dp.bucket_optimizers())
-        state = [v for o in optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
-        return {
-            "params": storage_bytes(params),
-            "grads": storage_bytes(grads),
-            "main_params": p.main_params.nbytes()
-            if p.main_params is not None
-            else (p.optimizer.shard_bytes()["main_params"] if hasattr(p.optimizer, "shard_bytes") else 0),
-            "optimizer_state": storage_bytes(state),
-        }
 
     # ---- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,12 +288,31 @@ class Trainer:
         """Steps from the restored position to ``--max_iters``; closes the tracker at the end (also
         after a non-finite stop: its last records are the diagnosis)."""
         self.stop = StopSignal(self.cfg.exit_after_minutes)  # SIGTERM/SIGINT: stop with a checkpoint
+        failed = True
         try:
-            return self._run()
+            result = self._run()
+            failed = False
+            return result
         finally:
             self.stop.restore()
+            try:
+                # an asynchronous save still in flight (the run stopped with an error) completes: it
+                # holds a good state (its checks passed)
+                self.p.checkpoints.close()
+            except Exception as e:  # noqa: BLE001 - the error that stopped the run comes first
+                if not failed:
+                    raise
+                logger.error("the checkpoint in flight could not be written either: %s", e)
             if self.p.tracker is not None:
                 self.p.tracker.close()
+
+    def _save_failed(self, step: int) -> None:
+        """Every rank, at the same step: an asynchronous save failed on some rank; raise its error."""
+        self.p.checkpoints.wait()  # this rank's write ended too (its outcome was agreed): raises it
+        raise RuntimeError(
+            f"step {step + 1}: rank {self.rank}: an asynchronous checkpoint failed on another rank "
+            "(see its error)"
+        )
 
     def _run(self) -> TrainResult:
         p, cfg, rank, device = self.p, self.cfg, self.rank, self.device
@@ -328,12 +323,16 @@ class Trainer:
             p.ref_model.eval()
         if start_step >= cfg.max_iters:
             logger.info("nothing to do: checkpoint step %d >= --max_iters=%d", start_step, cfg.max_iters)
+        if cfg.async_save and start_step < cfg.max_iters:
+            # the snapshot's host buffers are allocated now (start-up), not by the first save
+            p.checkpoints.warm_up_async(p.state)
         step_seconds = 0.0
         nonfinite_streak = 0  # consecutive non-finite steps (each skipped, not applied)
         overflow_streak = 0  # consecutive fp16 loss-scale overflows (each skipped)
         for step in range(start_step, cfg.max_iters):
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            writing = p.checkpoints.saving()  # an asynchronous save drains beside this step
             t0 = time.perf_counter()
             rec = self.train_step(step)
             if device.type == "cuda":
@@ -346,6 +345,8 @@ class Trainer:
             rec["tokens_per_s"] = step_tokens / dt if dt > 0 else 0.0
             rec["mfu"] = self._mfu(rec["tokens_per_s"])
             rec["comm_bytes"] = p.dp.pop_comm_bytes()
+            if writing:
+                rec["ckpt_writing"] = True
             done = step + 1
             last = done == cfg.max_iters
             stop_now = rec.pop("_stop")
@@ -378,28 +379,38 @@ class Trainer:
                 val = self.evaluate()
                 if val is not None:
                     rec["val_loss"] = val
+            p.progress.step, p.progress.tokens = done, tokens
+            job = None
+            if last or stop_now or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
+                self.heartbeat.beat(done, "save")
+                self._finish_param_sync()  # ZeRO-1: complete weights on every rank before they are read
+                t_save = time.perf_counter()
+                # what the loop waits for: the checks and the host snapshot (async), or the write
+                job = p.checkpoints.begin_save(done, p.state, p.run_facts, blocking=not cfg.async_save)
+                rec["ckpt_blocking_s"] = time.perf_counter() - t_save
             history.append(rec)
             if rank == 0:
-                p.metrics.write(rec)
+                p.metrics.write(rec)  # before the checkpoint of this step can exist (metrics.py)
                 p.tracker.log({k: v for k, v in rec.items() if k != "step"}, done)
                 if done == start_step + 1 or (self.held_bytes is not None and not self._info_measured):
-                    write_run_info(cfg.out_dir, self._run_info())  # again once a step was applied
+                    # written again once a step was applied (bytes_per_param)
+                    write_run_info(cfg.out_dir, run_info(p, self.world, device, self.held_bytes))
                     self._info_measured = self.held_bytes is not None
                 if done % cfg.log_interval == 0 or last or done == start_step + 1:
                     log_line = console_line(rec, cfg.max_iters, step_seconds, _peak_memory_gb(device))
                     logger.info(log_line)
-            p.progress.step, p.progress.tokens = done, tokens
-            if last or stop_now or (cfg.save_interval > 0 and done % cfg.save_interval == 0):
-                self.heartbeat.beat(done, "save")
-                self._finish_param_sync()  # ZeRO-1: complete weights on every rank before they are read
-                path = p.checkpoints.save(done, p.state, p.run_facts)
+            if job is not None:
+                p.checkpoints.commit_save(job)  # async: written and published in the background
                 if stop_now and not last:
+                    p.checkpoints.wait()  # the request's checkpoint is on disk before the exit
                     raise PreemptedStop(
-                        f"stopped on request ({self.stop.reason()}) after step {done}: saved {path}; "
+                        f"stopped on request ({self.stop.reason()}) after step {done}: saved {job.final}; "
                         "continue with --resume",
                         timed=self.stop.timed(),
                     )
             self.heartbeat.beat(done, "step")
+        self.heartbeat.beat(p.progress.step, "save")
+        p.checkpoints.wait()  # the last checkpoint is complete before the run returns
         self._finish_param_sync()
         return TrainResult(step=max(start_step, cfg.max_iters), tokens=tokens, history=history)
 
@@ -412,6 +423,7 @@ class Trainer:
     def _nonfinite_stop(self, rec: dict[str, Any], streak: int) -> NonFiniteStepError:
         """The error that stops a run at a non-finite step: which step, what was seen, what is on disk."""
         cfg = self.cfg
+        self.p.checkpoints.wait()  # a save in flight holds the newest good state: name it when complete
         saved = list_checkpoints(cfg.out_dir)
         newest = (
             f"the newest checkpoint is {saved[0][1]}" if saved else f"there is no checkpoint in {cfg.out_dir}"
@@ -430,6 +442,7 @@ class Trainer:
         )
 
     def _overflow_stop(self, rec: dict[str, Any], streak: int) -> NonFiniteStepError:
+        self.p.checkpoints.wait()  # as in _nonfinite_stop
         saved = list_checkpoints(self.cfg.out_dir)
         newest = f"the newest checkpoint is {saved[0][1]}" if saved else "there is no checkpoint yet"
         return NonFiniteStepError(
@@ -448,43 +461,6 @@ class Trainer:
             return None
         achieved = estimate_mfu(self.p.model_config, self.cfg.max_seq_len, tokens_per_s, peak * self.world)
         return float(achieved)
-
-    def _run_info(self) -> dict[str, Any]:
-        p, cfg, device = self.p, self.cfg, self.device
-        n_params = sum(t.numel() for t in p.model.parameters())
-        held = dict(self.held_bytes or {})
-        held["total"] = sum(held.values())
-        info: dict[str, Any] = {
-            "world_size": self.world,
-            "ddp_impl": cfg.ddp_impl,  # as requested
-            "effective_ddp": p.dp.impl,  # what wraps the model: "none" on one process, else ddp_impl
-            "comm_hook": cfg.comm_hook,
-            "bucket_size": cfg.bucket_size,
-            "overlap_grad_reduce": cfg.overlap_grad_reduce,
-            "use_distributed_optimizer": cfg.use_distributed_optimizer,
-            "overlap_param_gather": cfg.overlap_param_gather,
-            "task_type": cfg.task_type,
-            "num_params": n_params,
-            "optimizer_state_bytes_per_rank": held.get("optimizer_state", 0),
-            # measured on this process's first step (Trainer._held_bytes), per model parameter
-            "bytes_per_param": {k: round(v / n_params, 3) for k, v in held.items()},
-            "params_dtype": cfg.params_dtype,
-            "dtype": cfg.dtype,
-            "overlap_optim_step": p.dp.steps_optimizer,
-            "optimizer": type(p.optimizer).__name__ if p.optimizer is not None else "per-bucket",
-            "torch_version": torch.__version__,
-            "z2all_version": z2all.__version__,
-            "python": platform.python_version(),
-            "device": str(device),
-            "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if device.type == "cuda"
-            else [platform.processor() or platform.machine()],
-            "active_backends": kernels.active_backends(),
-        }
-        if p.model_config is not None and hasattr(p.model_config, "to_dict"):
-            info["model_config"] = p.model_config.to_dict()
-        info.update(p.info or {})
-        return info
 
 
 def _peak_memory_gb(device: torch.device) -> float:

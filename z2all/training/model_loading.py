@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException  # a BaseException: DCP's read failures
 
 from z2all.model import Z2allConfig, Z2allForCausalLM
+from z2all.tokenizer import Z2allTokenizer
 from z2all.training.checkpoint_format import (
     MANIFEST,
     CheckpointMismatchError,
@@ -63,6 +64,25 @@ def find_tokenizer_dir(path: str | os.PathLike) -> Path | None:
             return None
         path = Path(init_from)  # the run's tokenizer came from there (TrainConfig is never rewritten)
     return None
+
+
+def load_run(
+    out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
+) -> tuple[nn.Module, Any, Z2allTokenizer]:
+    """``(model, model config, tokenizer)`` of a run folder, checkpoint folder or HF Llama folder
+    (:func:`load_model_from_dir`): the tokenizer is ``tokenizer_dir``, else the run's own
+    (:func:`find_tokenizer_dir`). What the model tools (sample, export_hf, export_gguf) load."""
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"--out_dir {out_dir} is not a folder")
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(out_dir)
+    if tok_dir is None:
+        raise FileNotFoundError(
+            f"{out_dir}: no tokenizer: its config.json has no tokenizer_dir and it holds no "
+            "tokenizer.json; pass --tokenizer_dir"
+        )
+    tok = Z2allTokenizer.from_pretrained(tok_dir)
+    model, cfg = load_model_from_dir(out_dir)
+    return model, cfg, tok
 
 
 def is_hf_model_folder(folder: Path) -> bool:
