@@ -221,3 +221,36 @@ def test_sigkill_during_an_async_write_leaves_a_complete_checkpoint(tmp_path, de
     manifest = CheckpointManager(out).load_latest(TrainState.of(model, progress=progress))
     assert manifest["step"] == steps[-1] == progress.step
     assert all(bool((p == steps[-1]).all()) for p in model.parameters())  # not a mixture of two saves
+
+
+def test_a_failed_snapshot_is_raised_and_writes_nothing(tmp_path, monkeypatch):
+    """Host memory running out during the snapshot: raised on every rank (here one) before anything
+    is submitted; the manager saves again afterwards."""
+    from z2all.training.checkpoint_async import AsyncWriter
+
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, TrainState.of(model, opt))
+
+    def no_memory(self, tree):
+        raise MemoryError("simulated: no host memory for the snapshot")
+
+    with monkeypatch.context() as m:
+        m.setattr(AsyncWriter, "snapshot", no_memory)
+        with pytest.raises(MemoryError, match="simulated"):
+            mgr.save(2, TrainState.of(model, opt), blocking=False)
+    assert not mgr.saving() and sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
+    mgr.save(3, TrainState.of(model, opt), blocking=False)
+    mgr.close()
+    assert saved_steps(tmp_path) == [1, 3]
+
+
+def test_a_cuda_placed_chunk_is_described_on_the_cpu_in_the_snapshot():
+    """ZeRO-1 on GPU: a chunk's metadata says rank:r/cuda:i; its host copy must say rank:r/cpu, or
+    torch refuses to wrap the copy in a ShardedTensor."""
+    from torch.distributed._shard.sharded_tensor import ShardMetadata
+
+    from z2all.training.checkpoint_async import _on_cpu
+
+    md = _on_cpu(ShardMetadata([4, 0], [2, 8], "rank:1/cuda:1"))
+    assert (md.shard_offsets, md.shard_sizes, str(md.placement)) == ([4, 0], [2, 8], "rank:1/cpu")

@@ -423,7 +423,9 @@ def build_trainer(cfg: TrainConfig, rt: Runtime, components: Components | None =
     shared.update(progress=progress, scaler=LossScalerState(scaler))
     state = TrainState(shared, per_rank={"rng": RNGState(), "comm": dp})
 
-    checkpoints = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints, seed=cfg.seed)
+    checkpoints = CheckpointManager(
+        cfg.out_dir, keep=cfg.keep_checkpoints, seed=cfg.seed, timeout_s=cfg.dist_timeout
+    )
     if cfg.resume:
         if checkpoints.load_latest(state, check=rules) is None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", cfg.out_dir)

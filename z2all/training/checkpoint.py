@@ -36,12 +36,14 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from z2all.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from z2all.training.checkpoint_async import AsyncWriter, SaveJob
+from z2all.training.checkpoint_async import AsyncWriter, SaveJob, agreed_on_every_rank
 from z2all.training.checkpoint_folders import publish, rotate, set_aside
 from z2all.training.checkpoint_format import (
     DCP_DIR,
@@ -111,7 +113,12 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike, keep: int = 2, seed: int | None = None, verify: bool = True
+        self,
+        out_dir: str | os.PathLike,
+        keep: int = 2,
+        seed: int | None = None,
+        verify: bool = True,
+        timeout_s: float | None = None,
     ):
         """
         Args:
@@ -121,6 +128,8 @@ class CheckpointManager:
                 RNG with ``rank_seed(seed, rank)``. None: the checkpoint's recorded seed, else
                 ``seed`` of the run's ``out_dir/config.json``, else 0.
             verify: check every file's sha256 against the manifest before loading (sizes always).
+            timeout_s: how long a collective of the asynchronous writer may wait for the other ranks
+                (None: torch's default for gloo, 30 minutes).
         """
         if keep < 1:
             raise ValueError(f"CheckpointManager: keep must be >= 1, got {keep}")
@@ -128,6 +137,7 @@ class CheckpointManager:
         self.keep = keep
         self.seed = seed
         self.verify = verify
+        self.timeout_s = timeout_s
         # Steps of this run's lineage, oldest first: the one load_latest resumed from, then every
         # step this manager saved (a re-saved step moves to the end). Rank 0 rotates by it.
         self._lineage: list[int] = []
@@ -178,12 +188,13 @@ class CheckpointManager:
             raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
         self.wait()  # one write in flight at most, published in step order; its error surfaces here
         job = self._check(step, state)
-        job.run, job.blocking = run or {}, blocking
+        job.run, job.blocking = copy.deepcopy(run or {}), blocking
         if blocking:
             self._write_files(job, group=None)
         else:
             writer = self._async_writer(state)
-            job.shared = writer.snapshot(job.shared)  # the loop may change the live state from here on
+            # the loop may change the live state from here on
+            job.shared = agreed_on_every_rank(lambda: writer.snapshot(job.shared), f"checkpoint step {step}")
             writer.group()  # created now, by every rank's loop thread (a collective)
         return job
 
@@ -206,14 +217,16 @@ class CheckpointManager:
         """Allocate the host buffers asynchronous saves snapshot into, now (at start-up), so the first
         save does not pay for the allocation. All ranks call."""
         dcp_state = {name: sd for name, comp in state.shared.items() if (sd := comp.state_dict())}
-        self._async_writer(state).warm_up(dcp_state)
-        self._writer.group()
+        writer = self._async_writer(state)
+        agreed_on_every_rank(lambda: writer.warm_up(dcp_state), "the asynchronous saves' host buffers")
+        writer.group()
 
     def _async_writer(self, state: TrainState) -> AsyncWriter:
         if self._writer is None:
             shared = {name: comp.state_dict() for name, comp in state.shared.items()}
             device = next((t.device for _, t in float_tensors(shared)), None)
-            self._writer = AsyncWriter(device)
+            timeout = timedelta(seconds=self.timeout_s) if self.timeout_s is not None else None
+            self._writer = AsyncWriter(device, timeout)
         return self._writer
 
     def saving(self) -> bool:
@@ -326,7 +339,7 @@ class CheckpointManager:
         files: dict[str, dict] = {}
         try:
             files = describe_files(tmp, [n for n in names if writer_of(n, world) == rank])
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
             failure = e
         self._agree(failure, step, tmp, need, group)
         job.files = {k: v for part in all_gather_objects(files, group) for k, v in sorted(part.items())}

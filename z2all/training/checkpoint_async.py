@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import sys
@@ -35,14 +36,16 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata
 
-from z2all.training.collectives import dist_on
+from z2all.training.collectives import all_reduce_max, dist_on, rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,28 @@ logger = logging.getLogger(__name__)
 # training) the write then takes the cycles training leaves idle (waits in collectives, data
 # loading) instead of slowing every step; on a GPU node, with cores to spare, it changes nothing.
 WRITER_NICE = 19
+
+
+def _on_cpu(md: ShardMetadata) -> ShardMetadata:
+    """``md`` placed on its rank's CPU: where the snapshot of that chunk lives."""
+    return ShardMetadata(md.shard_offsets, md.shard_sizes, f"rank:{md.placement.rank()}/cpu")
+
+
+def agreed_on_every_rank(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` (a host snapshot) on every rank, a failure on any rank (host memory) raised on every
+    rank before any of them enters the writer's collectives. Collective on the default group."""
+    failure: Exception | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+        failure = e
+    if all_reduce_max(int(failure is not None)):
+        if failure is not None:
+            raise failure
+        rank, _ = rank_world()
+        raise RuntimeError(f"rank {rank}: {what}: another rank failed to snapshot its state (see its error)")
+    return result
 
 
 def _lower_priority() -> None:
@@ -88,20 +113,20 @@ class AsyncWriter:
     """Snapshots state dicts into reused host buffers and runs one checkpoint write at a time in a
     background thread. All ranks create it and call :meth:`snapshot` / :meth:`submit` together."""
 
-    def __init__(self, device: torch.device | None = None):
+    def __init__(self, device: torch.device | None = None, timeout: timedelta | None = None):
         # Pinned host memory makes the device-to-host copy of a CUDA state fast; CPU state needs none.
         self._pin = device is not None and device.type == "cuda"
         self._buffers: dict[str, torch.Tensor] = {}  # dotted path -> host buffer, reused by every save
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._group: Any = None
-        self._lock = threading.Lock()
+        self._timeout = timeout
 
     def group(self) -> Any:
         """The writer's gloo process group (created on first use: collective), or None on one
         process without torch.distributed."""
         if self._group is None and dist_on():
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=self._timeout)
         return self._group
 
     def warm_up(self, tree: dict[str, Any]) -> None:
@@ -123,11 +148,19 @@ class AsyncWriter:
         cannot copy a ShardedTensor, ZeRO-1's layout: its local chunks are copied one by one and
         wrapped with the same global metadata)."""
         if isinstance(tree, ShardedTensor):
+            meta = tree.metadata()
+            # the same on every rank (global metadata): whether the chunks live on CUDA, so pinned here
+            pinned = self._pin and any("cuda" in str(m.placement) for m in meta.shards_metadata)
             local = enumerate(tree.local_shards())
-            shards = [Shard(self._copy(s.tensor, f"{path}#{i}"), s.metadata) for i, s in local]
+            shards = [Shard(self._copy(s.tensor, f"{path}#{i}"), _on_cpu(s.metadata)) for i, s in local]
+            host_meta = ShardedTensorMetadata(
+                [_on_cpu(m) for m in meta.shards_metadata],
+                meta.size,
+                dataclasses.replace(meta.tensor_properties, pin_memory=pinned),
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Please use DTensor instead", category=FutureWarning)
-                return ShardedTensor._init_from_local_shards_and_global_metadata(shards, tree.metadata())
+                return ShardedTensor._init_from_local_shards_and_global_metadata(shards, host_meta)
         if torch.is_tensor(tree):
             return self._copy(tree, path)
         if isinstance(tree, dict):
@@ -162,18 +195,21 @@ class AsyncWriter:
 
     def wait(self, raise_error: bool = True) -> Any:
         """Block until the write in flight (if any) has ended; return its result, or raise its error
-        (``raise_error``; otherwise it is logged: the caller is about to try again)."""
-        with self._lock:
-            p, self._pending = self._pending, None
+        (``raise_error``; otherwise it is logged: the caller is about to try again). An interrupt
+        while waiting leaves the write pending: nobody may reuse its buffers before it has ended."""
+        p = self._pending
         if p is None:
             return None
         try:
-            return p.result()
-        except BaseException as e:
+            result = p.result()
+        except Exception as e:
+            self._pending = None
             if raise_error:
                 raise
             logger.error("an asynchronous checkpoint write failed: %s", e)
             return None
+        self._pending = None
+        return result
 
     def close(self) -> None:
         """Wait for the write in flight (its error is raised), then release the thread and buffers."""

@@ -159,6 +159,7 @@ class Trainer:
         self.stop: StopSignal | None = None  # installed by run()
         self.held_bytes: dict[str, int] | None = None
         self._info_measured = False  # run_info.json written with held_bytes
+        self._writing = False  # this rank's asynchronous save was in flight as the step began
 
     # ---- one step -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
@@ -203,7 +204,7 @@ class Trainer:
         stop = float(self.stop is not None and self.stop.requested())  # a stop request on any rank
         # an asynchronous save that failed on any rank: every rank raises its error at this step
         save_failed = float(p.checkpoints.save_failed())
-        flags = (float(n_tokens), stop, save_failed)
+        flags = (float(n_tokens), stop, save_failed, float(self._writing))
         counts = [torch.tensor(v, dtype=torch.float64, device=self.device) for v in flags]
         packed = torch.stack([loss_sum, *counts] + [stat_sums[k] for k in keys])
         sums = all_reduce_sum_(packed).tolist()
@@ -245,10 +246,11 @@ class Trainer:
             rec["skipped"] = True  # not applied: a loss-scale overflow, or a non-finite loss / norm
         rec["_tokens"] = int(sums[1])
         rec["_stop"] = sums[2] > 0  # the same on every rank: the step after which all stop
+        rec["_writing"] = sums[4] > 0  # a save was being written on some rank as the step began
         rec["_nonfinite"] = loss_bad or grad_bad
         rec["_overflow"] = overflow
         for i, k in enumerate(keys):
-            rec[k] = sums[4 + i] / g
+            rec[k] = sums[5 + i] / g
         return rec
 
     def _grad_norm(self) -> float:
@@ -294,17 +296,18 @@ class Trainer:
             failed = False
             return result
         finally:
-            self.stop.restore()
             try:
                 # an asynchronous save still in flight (the run stopped with an error) completes: it
-                # holds a good state (its checks passed)
+                # holds a good state (its checks passed); the stop handlers still take a SIGTERM
                 self.p.checkpoints.close()
             except Exception as e:  # noqa: BLE001 - the error that stopped the run comes first
                 if not failed:
                     raise
                 logger.error("the checkpoint in flight could not be written either: %s", e)
-            if self.p.tracker is not None:
-                self.p.tracker.close()
+            finally:
+                self.stop.restore()
+                if self.p.tracker is not None:
+                    self.p.tracker.close()
 
     def _save_failed(self, step: int) -> None:
         """Every rank, at the same step: an asynchronous save failed on some rank; raise its error."""
@@ -332,7 +335,7 @@ class Trainer:
         for step in range(start_step, cfg.max_iters):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            writing = p.checkpoints.saving()  # an asynchronous save drains beside this step
+            self._writing = p.checkpoints.saving()  # an asynchronous save drains beside this step
             t0 = time.perf_counter()
             rec = self.train_step(step)
             if device.type == "cuda":
@@ -345,7 +348,7 @@ class Trainer:
             rec["tokens_per_s"] = step_tokens / dt if dt > 0 else 0.0
             rec["mfu"] = self._mfu(rec["tokens_per_s"])
             rec["comm_bytes"] = p.dp.pop_comm_bytes()
-            if writing:
+            if rec.pop("_writing"):
                 rec["ckpt_writing"] = True
             done = step + 1
             last = done == cfg.max_iters
@@ -423,7 +426,7 @@ class Trainer:
     def _nonfinite_stop(self, rec: dict[str, Any], streak: int) -> NonFiniteStepError:
         """The error that stops a run at a non-finite step: which step, what was seen, what is on disk."""
         cfg = self.cfg
-        self.p.checkpoints.wait()  # a save in flight holds the newest good state: name it when complete
+        self._wait_quietly()  # a save in flight holds the newest good state: name it when complete
         saved = list_checkpoints(cfg.out_dir)
         newest = (
             f"the newest checkpoint is {saved[0][1]}" if saved else f"there is no checkpoint in {cfg.out_dir}"
@@ -441,8 +444,15 @@ class Trainer:
             f"saved: {newest}. Lower --learning_rate and --resume"
         )
 
+    def _wait_quietly(self) -> None:
+        """Wait for the save in flight; its failure is logged, not raised (the stop's error comes first)."""
+        try:
+            self.p.checkpoints.wait()
+        except Exception as e:  # noqa: BLE001
+            logger.error("the asynchronous checkpoint in flight failed: %s", e)
+
     def _overflow_stop(self, rec: dict[str, Any], streak: int) -> NonFiniteStepError:
-        self.p.checkpoints.wait()  # as in _nonfinite_stop
+        self._wait_quietly()  # as in _nonfinite_stop
         saved = list_checkpoints(self.cfg.out_dir)
         newest = f"the newest checkpoint is {saved[0][1]}" if saved else "there is no checkpoint yet"
         return NonFiniteStepError(
