@@ -27,13 +27,12 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_params_dtype import REPO_ROOT, SCRIPT, _env, build_data
+from bench_params_dtype import build_data, launch
 
 ARMS = {
     "async": ["--async_save=true"],
@@ -65,15 +64,7 @@ def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
         "--backend=gloo",
         *ARMS[name],  # a later --save_interval wins
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    cmd += [str(SCRIPT), *flags]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
-        raise SystemExit(f"arm {name}: train_my_ddp.py exited {r.returncode}")
-    recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    wall, recs = launch(flags, args.nproc, name, out_dir)
     prev, steps = 0, []
     for x in recs:
         steps.append(((x["tokens"] - prev) / x["tokens_per_s"], x))

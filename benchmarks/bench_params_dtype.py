@@ -89,6 +89,20 @@ def build_data(root: Path, args) -> tuple[Path, Path, dict]:
     return tok, pretok, {"documents": len(docs), "chars": sum(map(len, docs)), "bin_bytes": tokens}
 
 
+def launch(flags: list[str], nproc: int, name: str, out_dir: Path) -> tuple[float, list[dict]]:
+    """Run ``train_my_ddp.py flags`` under torchrun on ``nproc`` CPU ranks: (wall seconds, the
+    metrics.jsonl records). Exits naming the arm when the run fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(SCRIPT), *flags]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
+        raise SystemExit(f"arm {name}: train_my_ddp.py exited {r.returncode}")
+    return wall, [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
 def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
     flags = [
         f"--data_dir={pretok}",
@@ -112,15 +126,7 @@ def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
         "--ddp_impl=z2all",
         *ARMS[name],
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    cmd += [str(SCRIPT), *flags]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
-        raise SystemExit(f"arm {name}: train_my_ddp.py exited {r.returncode}")
-    recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    wall, recs = launch(flags, args.nproc, name, out_dir)
     info = json.loads((out_dir / "run_info.json").read_text())
     assert [x["step"] for x in recs] == list(range(1, args.steps + 1)), [x["step"] for x in recs]
     prev, times = 0, []

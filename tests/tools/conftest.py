@@ -86,3 +86,14 @@ def tiny_sp_run(tmp_path_factory, tiny_sp_tokenizer_dir) -> TinyRun:  # noqa: F8
         tie_word_embeddings=False,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     )
+
+
+def usage_error(capsys, main, argv: list[str], prog: str) -> str:
+    """The usage error ``main(argv)`` exits with (status 2, like any bad flag, ``prog: error: ...``):
+    its stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{prog}: error: " in err
+    return err

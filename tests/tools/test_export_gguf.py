@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from tests.tools.conftest import usage_error
 from tests.tools.gguf_helpers import fields, gguf_forward, rope_pairs, tensors
 from z2all.export_gguf import build_parser, export_gguf, gguf_chat_template, main
 from z2all.model import get_preset
@@ -194,13 +195,7 @@ def test_dynamic_rope_scaling_is_refused():
 
 # --- where it may write, errors ---------------------------------------------------------------------
 def refused(capsys, argv: list[str]) -> str:
-    """The usage error ``main(argv)`` exits with (status 2, like any bad flag)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert PROG_ERROR in err
-    return err
+    return usage_error(capsys, main, argv, "python -m z2all.export_gguf")
 
 
 def test_save_path_rules(tiny_run, tmp_path, capsys):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.tools.conftest import usage_error
 from z2all.export_hf import export_hf, main
 from z2all.tokenizer import Z2allTokenizer
 from z2all.training.model_loading import load_model_from_dir
@@ -123,13 +124,7 @@ PROG_ERROR = "python -m z2all.export_hf: error: "
 
 
 def refused(capsys, argv: list[str]) -> str:
-    """The usage error ``main(argv)`` exits with (status 2, like any bad flag)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert PROG_ERROR in err
-    return err
+    return usage_error(capsys, main, argv, "python -m z2all.export_hf")
 
 
 def test_export_into_its_own_run_folder_is_refused_from_the_command_line(tiny_run, tmp_path, capsys):
