@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_params_dtype import build_data, launch
+from bench_params_dtype import build_data, launch, run_flags
 
 ARMS = {
     "async": ["--async_save=true"],
@@ -45,14 +45,7 @@ logger = logging.getLogger("bench_async_save")
 
 def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
     flags = [
-        f"--data_dir={pretok}",
-        f"--tokenizer_dir={tok}",
-        f"--out_dir={out_dir}",
-        f"--model_config={args.model_config}",
-        f"--max_seq_len={args.seq}",
-        f"--train_batch_size={args.batch}",
-        f"--gradient_accumulation_steps={args.accum}",
-        f"--max_iters={args.steps}",
+        *run_flags(out_dir, tok, pretok, args),
         "--learning_rate=1e-3",
         "--min_lr=1e-4",
         "--warmup_iters=2",

@@ -103,8 +103,9 @@ def launch(flags: list[str], nproc: int, name: str, out_dir: Path) -> tuple[floa
     return wall, [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
-    flags = [
+def run_flags(out_dir: Path, tok: Path, pretok: Path, args) -> list[str]:
+    """The flags every benchmark run of ``train_my_ddp.py`` shares: data, model, batch, length."""
+    return [
         f"--data_dir={pretok}",
         f"--tokenizer_dir={tok}",
         f"--out_dir={out_dir}",
@@ -113,6 +114,12 @@ def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
         f"--train_batch_size={args.batch}",
         f"--gradient_accumulation_steps={args.accum}",
         f"--max_iters={args.steps}",
+    ]
+
+
+def run_arm(name: str, out_dir: Path, tok: Path, pretok: Path, args) -> dict:
+    flags = [
+        *run_flags(out_dir, tok, pretok, args),
         f"--learning_rate={args.lr}",
         f"--min_lr={args.lr / 10}",
         f"--warmup_iters={args.lr_warmup}",

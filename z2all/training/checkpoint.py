@@ -192,7 +192,7 @@ class CheckpointManager:
         if blocking:
             self._write_files(job, group=None)
         else:
-            writer = self._async_writer(state)
+            writer = self._async_writer(job.shared)
             # the loop may change the live state from here on
             job.shared = agreed_on_every_rank(lambda: writer.snapshot(job.shared), f"checkpoint step {step}")
             writer.group()  # created now, by every rank's loop thread (a collective)
@@ -217,13 +217,13 @@ class CheckpointManager:
         """Allocate the host buffers asynchronous saves snapshot into, now (at start-up), so the first
         save does not pay for the allocation. All ranks call."""
         dcp_state = {name: sd for name, comp in state.shared.items() if (sd := comp.state_dict())}
-        writer = self._async_writer(state)
-        agreed_on_every_rank(lambda: writer.warm_up(dcp_state), "the asynchronous saves' host buffers")
+        writer = self._async_writer(dcp_state)
+        agreed_on_every_rank(lambda: writer.snapshot(dcp_state), "the asynchronous saves' host buffers")
         writer.group()
 
-    def _async_writer(self, state: TrainState) -> AsyncWriter:
+    def _async_writer(self, shared: dict[str, Any]) -> AsyncWriter:
+        """The writer (created on first use, pinning host memory when ``shared`` lives on CUDA)."""
         if self._writer is None:
-            shared = {name: comp.state_dict() for name, comp in state.shared.items()}
             device = next((t.device for _, t in float_tensors(shared)), None)
             timeout = timedelta(seconds=self.timeout_s) if self.timeout_s is not None else None
             self._writer = AsyncWriter(device, timeout)

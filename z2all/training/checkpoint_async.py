@@ -129,15 +129,11 @@ class AsyncWriter:
             self._group = dist.new_group(backend="gloo", timeout=self._timeout)
         return self._group
 
-    def warm_up(self, tree: dict[str, Any]) -> None:
-        """Allocate the staging buffers for ``tree``'s tensors now (start-up), not on the first save."""
-        self.snapshot(tree)
-
     def snapshot(self, tree: dict[str, Any]) -> dict[str, Any]:
         """A host-memory copy of ``tree`` (tensors, ShardedTensor chunks, plain values), in the
         buffers of the previous snapshot when the shapes match. Waits for the write in flight first:
         it may still read those buffers."""
-        self.wait(raise_error=False)
+        self.wait()
         staged = self._stage(tree, "")
         if self._pin:
             torch.cuda.synchronize()  # the copies are complete before the loop changes a weight
@@ -146,7 +142,7 @@ class AsyncWriter:
     def _stage(self, tree: Any, path: str) -> Any:
         """``tree`` with every tensor copied into this path's host buffer (torch's StateDictStager
         cannot copy a ShardedTensor, ZeRO-1's layout: its local chunks are copied one by one and
-        wrapped with the same global metadata)."""
+        wrapped with the same global layout, placed on the CPU)."""
         if isinstance(tree, ShardedTensor):
             meta = tree.metadata()
             # the same on every rank (global metadata): whether the chunks live on CUDA, so pinned here
@@ -178,7 +174,7 @@ class AsyncWriter:
 
     def submit(self, write: Callable[[], Any]) -> None:
         """Run ``write()`` in the writer thread (after the previous write)."""
-        self.wait(raise_error=False)
+        self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="z2all-ckpt", initializer=_lower_priority
@@ -193,23 +189,17 @@ class AsyncWriter:
         p = self._pending
         return p is not None and p.done() and p.exception() is not None
 
-    def wait(self, raise_error: bool = True) -> Any:
-        """Block until the write in flight (if any) has ended; return its result, or raise its error
-        (``raise_error``; otherwise it is logged: the caller is about to try again). An interrupt
-        while waiting leaves the write pending: nobody may reuse its buffers before it has ended."""
+    def wait(self) -> None:
+        """Block until the write in flight (if any) has ended; raise its error. An interrupt while
+        waiting leaves the write pending: nobody may reuse its buffers before it has ended."""
         p = self._pending
         if p is None:
-            return None
+            return
         try:
-            result = p.result()
-        except Exception as e:
-            self._pending = None
-            if raise_error:
-                raise
-            logger.error("an asynchronous checkpoint write failed: %s", e)
-            return None
-        self._pending = None
-        return result
+            p.result()
+        finally:
+            if p.done():
+                self._pending = None
 
     def close(self) -> None:
         """Wait for the write in flight (its error is raised), then release the thread and buffers."""
