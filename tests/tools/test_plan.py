@@ -2,10 +2,10 @@
 
 - state: ``bytes_per_param`` of the plan against run_info.json of real tiny-Llama trainer runs (one
   process fp32 and bf16; 2 gloo ranks: fp32 DDP, bf16 ZeRO-1 with buckets small enough that shards
-  split parameters), within 5% (the issue's bound; they agree up to run_info.json's 3-decimal rounding);
+  split parameters), equal up to run_info.json's 3-decimal rounding (the issue allows 5%);
 - activations: :func:`activation_bytes` against the distinct storages a CPU forward saves for backward
   (``saved_tensors_hooks``; parameters excluded, not process RSS), over dtypes, autocast, shapes and
-  kernel backends, within 5% (they agree exactly);
+  kernel backends, to the byte (the issue allows 5%);
 - communication: :func:`comm_calls` against the collectives ``parallel.wire_bytes.WireCounter`` counts
   in one trainer step on 2 ranks: the same calls, hence the same wire bytes;
 - on a GPU (``gpu`` mark): the plan's total against the peak allocated memory of a CUDA training run;
@@ -48,7 +48,8 @@ from z2all.training.tasks import PretrainTask
 
 REPO = Path(__file__).resolve().parents[2]
 BF16 = dict(params_dtype="bfloat16", dtype="bfloat16")
-TOLERANCE = 0.05  # the issue's bound, relative
+# The issue's bound is 5 %; the plan agrees exactly, so the tests hold it to run_info.json's rounding:
+ROUNDING = 5e-4  # bytes_per_param has 3 decimals in run_info.json (and in the plan)
 
 
 def _cfg(out_dir, **kw) -> TrainConfig:
@@ -73,8 +74,8 @@ def _components(cfg: TrainConfig, mc=None) -> Components:
 
 
 def _check_against_run_info(cfg: TrainConfig, world: int, info: dict, what: str) -> None:
-    """The plan's bytes per parameter within 5% of run_info.json's; the optimizer state, which
-    run_info.json also gives unrounded, to the byte."""
+    """The plan's bytes per parameter equal run_info.json's up to its 3-decimal rounding; the
+    optimizer state, which run_info.json also gives unrounded, to the byte."""
     report = plan(cfg, PlanConfig(nproc_per_node=world), get_preset("tiny"))
     assert report["memory_bytes"]["optimizer_state"] == info["optimizer_state_bytes_per_rank"], what
     planned, measured = report["bytes_per_param"], info["bytes_per_param"]
@@ -82,9 +83,9 @@ def _check_against_run_info(cfg: TrainConfig, world: int, info: dict, what: str)
         if measured[k] == 0:
             assert planned[k] == 0, (what, k, planned, measured)
         else:
-            assert abs(planned[k] - measured[k]) <= TOLERANCE * measured[k], (what, k, planned, measured)
-    total = sum(planned[k] for k in STATE_KEYS)
-    assert abs(total - measured["total"]) <= TOLERANCE * measured["total"], (what, planned, measured)
+            assert abs(planned[k] - measured[k]) <= 2 * ROUNDING, (what, k, planned, measured)
+    total = sum(planned[k] for k in STATE_KEYS)  # a sum of rounded terms vs the rounded total
+    assert abs(total - measured["total"]) <= (len(STATE_KEYS) + 1) * ROUNDING, (what, planned, measured)
 
 
 def _run_info(cfg: TrainConfig) -> dict:
@@ -217,7 +218,7 @@ def test_activation_bytes_match_saved_tensors(kernels_, extra, params_dtype, dty
     cfg = _cfg("unused", train_batch_size=batch, max_seq_len=seq, params_dtype=params_dtype, dtype=dtype)
     planned = sum(activation_bytes(mc, cfg, kernels.active_backends(mc.kernels)).values())
     measured = _saved_bytes(mc, cfg)
-    assert abs(planned - measured) <= TOLERANCE * measured, (planned, measured)
+    assert planned == measured, (planned, measured)  # bytes: the model is exact (the issue allows 5 %)
 
 
 # the portable kernels (always available): their CUDA rules (torch's fused RMSNorm, SDPA's kernels)
